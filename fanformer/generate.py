@@ -1,0 +1,130 @@
+"""The reference generation loop: one request at a time, plain and obviously right.
+
+It is the oracle the serving engine is tested against (same tokens at temperature 0), and
+the `fanformer-generate` command until the engine takes it over. Sampling applies, in
+order: min-length EOS masking, temperature, top-k, top-p, then a draw from the caller's
+`torch.Generator` (temperature 0 = greedy argmax). Lengths count generated tokens only;
+the original project counted the prompt in `min_length`, which we do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from fanformer.model import ContiguousKVCache, FANformer
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0, generator: torch.Generator | None = None) -> int:
+    """Pick one token id from `logits` (vocab,)."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model: FANformer, prompt_ids: list[int], max_new_tokens: int,
+             min_new_tokens: int = 0, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, eos_id: int | None = None,
+             generator: torch.Generator | None = None, use_cache: bool = True) -> list[int]:
+    """Generated token ids (without the prompt), stopping at EOS (included) or the budget."""
+    if not prompt_ids:
+        raise ValueError("the prompt must hold at least one token")
+    max_len = model.config.max_seq_len
+    if len(prompt_ids) + max_new_tokens > max_len:
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"the model's context of {max_len} tokens")
+    device = model.embed.weight.device
+    tokens = list(prompt_ids)
+    cache = ContiguousKVCache(model.config, 1, len(prompt_ids) + max_new_tokens,
+                              dtype=model.embed.weight.dtype, device=device) if use_cache else None
+    out: list[int] = []
+    pending = tokens  # tokens the model has not seen yet (with a cache)
+    for _ in range(max_new_tokens):
+        if cache is not None:
+            start = len(tokens) - len(pending)
+            ids = torch.tensor([pending], device=device)
+            positions = torch.arange(start, len(tokens), device=device)[None]
+            logits = model(ids, positions, cache)[0, -1]
+        else:
+            logits = model(torch.tensor([tokens], device=device))[0, -1]
+        if eos_id is not None and len(out) < min_new_tokens:
+            logits[eos_id] = float("-inf")
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        out.append(token)
+        tokens.append(token)
+        pending = [token]
+        if token == eos_id:
+            break
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fanformer-generate", description="Generate text from a FANformer checkpoint.")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: demo model)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max_length", type=int, default=100, help="most tokens to generate")
+    p.add_argument("--min_length", type=int, default=0,
+                   help="fewest tokens to generate before end-of-text may end it")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=100, help="keep the k likeliest tokens; 0 = all")
+    p.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    return p
+
+
+def validate_sampling_args(args: argparse.Namespace) -> str | None:
+    if args.max_length < 1:
+        return f"--max_length must be >= 1, got {args.max_length}"
+    if not 0 <= args.min_length <= args.max_length:
+        return f"--min_length must be in [0, max_length={args.max_length}], got {args.min_length}"
+    if args.temperature < 0:
+        return f"--temperature must be >= 0, got {args.temperature}"
+    if args.top_k < 0:
+        return f"--top_k must be >= 0, got {args.top_k}"
+    if not 0 < args.top_p <= 1:
+        return f"--top_p must be in (0, 1], got {args.top_p}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fanformer.checkpoint import DEMO_CHECKPOINT, CheckpointError, load_checkpoint
+
+    args = build_parser().parse_args(argv)
+    error = validate_sampling_args(args)
+    if error:
+        print(f"fanformer-generate: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer = load_checkpoint(args.checkpoint or DEMO_CHECKPOINT, device=args.device)
+        generator = torch.Generator(args.device)
+        generator.manual_seed(args.seed if args.seed is not None else torch.seed())
+        prompt = tokenizer.encode(args.prompt)
+        ids = generate(model, prompt, args.max_length, args.min_length, args.temperature,
+                       args.top_k, args.top_p, tokenizer.eos_id, generator)
+    except (CheckpointError, ValueError) as e:
+        print(f"fanformer-generate: error: {e}", file=sys.stderr)
+        return 1
+    print(args.prompt + tokenizer.decode(ids, skip_special_tokens=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
