@@ -3,7 +3,7 @@
 The model knows `(input_ids, positions, kv_cache)` and nothing else: the cache is owned by
 the caller (the reference loop in `generate.py`, or the serving engine), which decides
 where each sequence's keys and values live. The model only asks the cache, once per layer,
-to store this step's keys/values and hand back what to attend over.
+to store this step's keys/values and attend over what it holds (see `KVCache`).
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ from fanformer.layers import FANLayer, RotaryEmbedding, SwiGLU, init_weights, ma
 
 
 class KVCache(Protocol):
-    """What the model needs from a cache; the caller owns storage, lengths and allocation."""
+    """What the model needs from a cache; the caller owns storage, lengths and allocation.
 
-    def update(
-        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store k, v (B, n_kv, T, hd) of tokens at `positions` (B, T) for `layer`.
+    One call per layer: store this step's keys/values, then attend over everything the
+    cache holds for these sequences. The cache, not the model, runs the attention because
+    only it knows the layout (a contiguous buffer, slots, a flattened varlen batch, pages).
+    """
 
-        Returns (keys, values, mask): keys/values (B, n_kv, S, hd) to attend over and a
-        boolean mask (B, 1, T, S), True where query t may attend to key s (None = causal).
-        """
+    def attend(self, layer: int, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor:
+        """Store k, v (B, n_kv, T, hd) of the tokens at `positions` (B, T) for `layer`, then
+        return causal grouped-query attention of q (B, H, T, hd) over them: (B, H, T, hd)."""
         ...
 
 
@@ -46,7 +47,7 @@ class ContiguousKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(self, layer, positions, k, v):
+    def attend(self, layer, positions, q, k, v):
         batch, steps = positions.shape
         rows = torch.arange(batch, device=positions.device)[:, None].expand(batch, steps)
         self.k[layer][rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, n_kv, hd)
@@ -54,7 +55,10 @@ class ContiguousKVCache:
         span = int(positions.max()) + 1  # attend only over the filled prefix
         keys = torch.arange(span, device=positions.device)
         mask = keys[None, None, :] <= positions[:, :, None]  # (B, T, S)
-        return self.k[layer][:, :, :span], self.v[layer][:, :, :span], mask[:, None]
+        k_all = self.k[layer][:, :, :span].to(q.dtype)  # (B, n_kv, S, hd)
+        v_all = self.v[layer][:, :, :span].to(q.dtype)
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None],
+                                              enable_gqa=True)
 
 
 class Attention(nn.Module):
@@ -88,14 +92,11 @@ class Attention(nn.Module):
         q, k = rope(q, positions), rope(k, positions)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if kv_cache is None:
-            mask = None
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=True,
+                dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
         else:
-            k, v, mask = kv_cache.update(layer, positions, k, v)  # (B, n_kv, S, hd)
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=True,
-        )  # (B, H, T, hd)
+            out = kv_cache.attend(layer, positions, q, k, v)  # (B, H, T, hd)
         return self.o(out.transpose(1, 2).reshape(B, T, -1))
 
 
