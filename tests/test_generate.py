@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +69,20 @@ def test_cli_errors_are_one_line(args, message):
                             capture_output=True, text=True)
     assert result.returncode != 0
     assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_bits_per_byte_is_cross_entropy_rescaled(model, tokenizer):
+    import math
+
+    from fanformer.data import bits_per_byte
+
+    text = (Path(__file__).parent / "fixtures" / "eval_sample.txt").read_text()[:3000]
+    whole = bits_per_byte(model, tokenizer, text, seq_len=64, batch_size=3)
+    assert whole["tokens"] == len(tokenizer.encode(text)) - 1
+    expected = whole["cross_entropy"] * whole["tokens"] / (math.log(2) * whole["bytes"])
+    assert abs(whole["bits_per_byte"] - expected) < 1e-9
+    # batching and window padding do not change the numbers
+    again = bits_per_byte(model, tokenizer, text, seq_len=64, batch_size=1)
+    assert abs(again["cross_entropy"] - whole["cross_entropy"]) < 1e-4
+    # an untrained model is close to uniform over the 512 tokens
+    assert abs(whole["cross_entropy"] - math.log(512)) < 0.5
