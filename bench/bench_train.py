@@ -1,0 +1,77 @@
+"""Training throughput (tokens/s) of presets, measured side by side in one run.
+
+    python bench/bench_train.py --presets tiny fanformer-92m --precisions fp32 bf16
+
+Times full optimizer steps (forward, cross-entropy, backward, clip, AdamW) on random
+tokens, after warm-up steps; reports the median over timed steps. Random tokens cost the
+same as text, so no corpus is needed. Knows nothing about checkpoints or data files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fanformer.config import ModelConfig
+from fanformer.model import FANformer
+from fanformer.train import TrainArgs, make_optimizer
+
+
+def bench(preset: str, precision: str, device: str, batch: int, seq_len: int, steps: int,
+          warmup: int, vocab_size: int | None) -> dict:
+    config = ModelConfig.from_preset(preset, **({"vocab_size": vocab_size} if vocab_size else {}))
+    torch.manual_seed(0)
+    model = FANformer(config).to(device).train()
+    optimizer = make_optimizer(model, TrainArgs())
+    bf16 = precision == "bf16"
+    times = []
+    for i in range(warmup + steps):
+        ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(ids[:, :-1])  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"preset": preset, "parameters": model.num_parameters(), "precision": precision,
+            "device": device, "batch": batch, "seq_len": seq_len, "steps": steps,
+            "median_step_s": round(median, 4), "tokens_per_s": round(batch * seq_len / median)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "fanformer-92m"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--vocab_size", type=int, default=None,
+                        help="override the preset's vocabulary (e.g. the tokenizer's)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for preset in args.presets:
+        for precision in args.precisions:
+            print(json.dumps(bench(preset, precision, args.device, args.batch_size, args.seq_len,
+                                   args.steps, args.warmup, args.vocab_size)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

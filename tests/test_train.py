@@ -1,0 +1,212 @@
+"""fanformer-train: exact resume, signals, checkpoints, errors, aliases, and DDP vs one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fanformer import trainer_state as ts
+from fanformer.checkpoint import load_checkpoint
+from fanformer.data import PackedBatches
+from fanformer.train import main, parse_args
+from fanformer.trainer import enable_activation_checkpointing, lr_at, make_optimizer
+from tests.conftest import FIXTURES, make_model
+
+CORPUS = str(FIXTURES / "tiny.txt")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory) -> str:
+    from fanformer.tokenizer import Tokenizer
+
+    directory = tmp_path_factory.mktemp("tok")
+    Tokenizer.train_from_files([FIXTURES / "tiny.txt"], 512, show_progress=False).save(directory)
+    return str(directory / "tokenizer.json")
+
+
+def common(tokenizer_file: str, out_dir: Path, *extra: str) -> list[str]:
+    return [CORPUS, "--preset", "test", "--tokenizer", tokenizer_file, "--out_dir", str(out_dir),
+            "--seq_len", "32", "--batch_size", "2", "--grad_accum", "2", "--max_steps", "8",
+            "--warmup_steps", "2", "--eval_every", "0", "--log_every", "1", "--save_every", "100",
+            "--dropout", "0.1", "--precision", "fp32", "--eval_fraction", "0.05", *extra]
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}  # later lines win
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tokenizer_file):
+    assert main(common(tokenizer_file, tmp_path / "straight")) == 0
+    assert main(common(tokenizer_file, tmp_path / "split", "--stop_at_step", "4")) == 0
+    assert [p.name for p in ts.list_checkpoints(tmp_path / "split")] == ["step_00000004"]
+    assert main(common(tokenizer_file, tmp_path / "split", "--resume")) == 0
+    straight, split = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert sorted(split) == list(range(1, 9))
+    assert split == pytest.approx(straight, rel=1e-6)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "step_00000008")[0]
+    b = load_checkpoint(tmp_path / "split" / "checkpoints" / "step_00000008")[0]
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, tokenizer_file, monkeypatch):
+    assert main(common(tokenizer_file, tmp_path / "straight")) == 0
+    original = PackedBatches.rank_batch
+
+    def interrupt_at_step_3(self, step, *args):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step; the step still finishes
+        return original(self, step, *args)
+
+    monkeypatch.setattr(PackedBatches, "rank_batch", interrupt_at_step_3)
+    assert main(common(tokenizer_file, tmp_path / "run")) == 130
+    assert ts.latest_checkpoint(tmp_path / "run").name == "step_00000003"
+    monkeypatch.setattr(PackedBatches, "rank_batch", original)
+    assert main(common(tokenizer_file, tmp_path / "run", "--resume")) == 0
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
+
+
+def test_full_run_trains_tokenizer_evaluates_exports_and_plots(tmp_path):
+    out = tmp_path / "run"
+    rc = main([CORPUS, "--preset", "test", "--vocab_size", "300", "--out_dir", str(out),
+               "--seq_len", "32", "--batch_size", "4", "--max_steps", "6", "--eval_every", "3",
+               "--save_every", "2", "--keep_last", "2", "--export_dir", str(tmp_path / "export"),
+               "--precision", "bf16"])
+    assert rc == 0
+    assert [p.name for p in ts.list_checkpoints(out)] == ["step_00000004", "step_00000006"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_bits_per_byte" in r]
+    assert [r["step"] for r in evals] == [3, 6] and evals[-1]["final"]
+    assert (out / "loss.png").stat().st_size > 0
+    model, tokenizer = load_checkpoint(tmp_path / "export")
+    assert tokenizer.vocab_size == 300 and model.embed.weight.dtype == torch.bfloat16
+    assert not (tmp_path / "export" / ts.OPTIMIZER_FILE).exists()
+    (out / "loss.png").unlink()
+    assert main(["--plot", str(out)]) == 0 and (out / "loss.png").is_file()
+
+
+def test_latest_checkpoint_never_picks_a_temporary(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step_00000002").mkdir(parents=True)
+    (root / "step_00000002" / ts.STATE_FILE).write_text("{}")
+    (root / ".step_00000004.tmp-abc").mkdir()  # a save that crashed half-way
+    (root / "step_00000003").mkdir()  # no state file: incomplete
+    assert ts.latest_checkpoint(tmp_path).name == "step_00000002"
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("missing", ["--out_dir", "{tmp}/o", "{tmp}/nope.txt"], "does not exist"),
+    ("empty", ["--out_dir", "{tmp}/o", "{tmp}/empty.txt"], "is empty"),
+    ("context", ["--seq_len", "129", CORPUS], "above the model's context"),
+    ("batch", ["--seq_len", "64", "--batch_size", "5000", CORPUS], "the batch does not fit"),
+    ("preset", ["--preset", "huge", CORPUS], "unknown preset"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, tokenizer_file, capsys, case, extra,
+                                          message):
+    (tmp_path / "empty.txt").write_text("")
+    argv = ["--preset", "test", "--tokenizer", tokenizer_file, "--out_dir", str(tmp_path / "o"),
+            *[a.replace("{tmp}", str(tmp_path)) for a in extra]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fanformer-train: error:") and message in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--d_model", "32"], "different model config (differs in d_model)"),
+    (["--batch_size", "4"], "different --batch_size"),
+])
+def test_resume_refuses_an_incompatible_checkpoint(tmp_path, tokenizer_file, capsys, change,
+                                                   message):
+    assert main(common(tokenizer_file, tmp_path, "--stop_at_step", "1")) == 0
+    assert main(common(tokenizer_file, tmp_path, "--resume", *change)) == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_original_flags_are_aliases():
+    args, overrides = parse_args(["a.txt", "--epochs_text", "2", "--batch_size", "3",
+                                  "--p", "0.2"])
+    assert args.epochs == 2.0 and args.batch_size == 3 and overrides == {"fan_p": 0.2}
+
+
+def test_no_weight_decay_on_norms_gates_biases_embeddings():
+    model = make_model()
+    args, _ = parse_args(["a.txt"])
+    decay, no_decay = make_optimizer(model, args).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] > 0
+    assert "embed.weight" in undecayed
+    assert any(n.endswith("attn_gate") for n in undecayed)
+    assert any(n.endswith("fan.proj.bias") for n in undecayed)
+    assert any(n.endswith("q_norm.weight") for n in undecayed)
+    assert all(p.ndim == 2 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    args, _ = parse_args(["a.txt", "--lr", "1e-3", "--warmup_steps", "10",
+                          "--min_lr_ratio", "0.1"])
+    lrs = [lr_at(s, args, 100) for s in range(101)]
+    assert lrs[:10] == sorted(lrs[:10]) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10:] == sorted(lrs[10:], reverse=True)
+    assert lrs[100] == pytest.approx(1e-4)
+
+
+def test_optimizer_state_round_trips_through_safetensors():
+    from safetensors.torch import load, save
+
+    model = make_model()
+    optimizer = make_optimizer(model, parse_args(["a.txt"])[0])
+    model(torch.randint(0, 512, (2, 8))).sum().backward()
+    optimizer.step()
+    tensors, rest = ts.flatten_optimizer(optimizer.state_dict())
+    restored = ts.unflatten_optimizer(load(save(tensors)), json.loads(json.dumps(rest)))
+    fresh = make_optimizer(make_model(), parse_args(["a.txt"])[0])
+    fresh.load_state_dict(restored)
+    before, after = optimizer.state_dict()["state"], fresh.state_dict()["state"]
+    assert before.keys() == after.keys()
+    for index in before:
+        for key in before[index]:
+            torch.testing.assert_close(before[index][key], after[index][key])
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 512, (2, 16))
+    grads = []
+    for checkpointed in (False, True):
+        model = make_model().train()
+        if checkpointed:
+            enable_activation_checkpointing(model)
+        model(ids).float().logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path,
+                                                                        tokenizer_file):
+    """torchrun, 2 CPU ranks on gloo, batch 2 each == 1 process, batch 2 x 2 accumulation."""
+    flags = ["--dropout", "0.0", "--max_steps", "4", "--log_every", "1"]
+    single = common(tokenizer_file, tmp_path / "one", *flags)
+    assert main(single) == 0
+    ddp = common(tokenizer_file, tmp_path / "two", *flags)
+    ddp[ddp.index("--grad_accum") + 1] = "1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "fanformer.train", *ddp], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    a = load_checkpoint(tmp_path / "one" / "checkpoints" / "step_00000004")[0]
+    b = load_checkpoint(tmp_path / "two" / "checkpoints" / "step_00000004")[0]
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
