@@ -1,0 +1,166 @@
+"""Packing is lossless and matches the ecosystem's bit order; every quantized layer's fast
+kernels agree with its readable reference (dequantize, then F.linear)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quant import layers as qlayers
+from quant.convert import awq_layer, gptq_layer
+from quant.int8 import NF4Linear
+from quant.layers import Int8Linear
+from quant.packing import (
+    dequantize_awq,
+    dequantize_gptq,
+    pack_awq,
+    pack_gptq,
+    pack_stream,
+    unpack_awq,
+    unpack_gptq,
+    unpack_stream,
+)
+from quant.rtn import effective_group_size, rtn_quantize
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [64, 55])  # 55: the output width is not a word multiple
+def test_gptq_pack_unpack_is_lossless(bits, n):
+    g = torch.Generator().manual_seed(bits)
+    k, groups = 128, 4
+    codes = torch.randint(0, 1 << bits, (k, n), generator=g, dtype=torch.int32)
+    zeros = torch.randint(1, 1 << bits, (groups, n), generator=g, dtype=torch.int32)
+    scales = torch.rand(groups, n, generator=g).half().float()
+    g_idx = torch.arange(k, dtype=torch.int32) // (k // groups)
+    packed = pack_gptq(codes, zeros, scales, g_idx, bits)
+    assert packed["qweight"].shape == (k * bits // 32, n)
+    got_codes, got_zeros = unpack_gptq(packed["qweight"], packed["qzeros"], bits, n)
+    assert torch.equal(got_codes, codes) and torch.equal(got_zeros, zeros)
+    expected = ((codes - zeros[g_idx.long()]).float() * scales[g_idx.long()]).T
+    assert torch.equal(dequantize_gptq(packed, bits, n), expected)
+
+
+def test_gptq_bit_order_is_autogptq_v1():
+    """Word r of qweight holds input rows 8r..8r+7, least-significant nibble first; the
+    symmetric 4-bit zero point 8 is stored as 7, so every qzeros word is 0x77777777."""
+    codes = torch.arange(16, dtype=torch.int32).repeat(2)[:, None].expand(32, 3).contiguous()
+    zeros = torch.full((1, 8), 8, dtype=torch.int32)
+    packed = pack_gptq(codes, zeros, torch.ones(1, 8), torch.zeros(32, dtype=torch.int32), 4)
+    expected = sum(j << (4 * j) for j in range(8))
+    assert int(packed["qweight"][0, 0]) == expected
+    assert int(packed["qweight"][1, 0]) & 0xFFFFFFFF == sum((8 + j) << (4 * j) for j in range(8))
+    assert int(packed["qzeros"][0, 0]) == 0x77777777
+
+
+def test_three_bit_stream_straddles_words():
+    codes = torch.zeros(32, 1, dtype=torch.int32)
+    codes[10] = 0b101  # bits 30..32: two in word 0, one in word 1
+    words = pack_stream(codes, 3)
+    assert words.shape == (3, 1)
+    assert int(words[0, 0]) & 0xFFFFFFFF == 0b01 << 30 and int(words[1, 0]) == 0b1
+    assert torch.equal(unpack_stream(words, 3), codes)
+
+
+def test_awq_pack_unpack_and_order():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (64, 20), generator=g, dtype=torch.int32)
+    zeros = torch.randint(0, 16, (2, 20), generator=g, dtype=torch.int32)
+    scales = torch.rand(2, 20, generator=g).half().float()
+    packed = pack_awq(codes, zeros, scales)
+    assert packed["qweight"].shape == (64, 3)
+    got_codes, got_zeros = unpack_awq(packed["qweight"], packed["qzeros"], 20)
+    assert torch.equal(got_codes, codes) and torch.equal(got_zeros, zeros)
+    # nibble i of word 0 holds column AWQ_ORDER[i] = 0, 2, 4, 6, 1, 3, 5, 7
+    word = int(packed["qweight"][0, 0]) & 0xFFFFFFFF
+    nibbles = [(word >> (4 * i)) & 0xF for i in range(8)]
+    assert nibbles == [int(codes[0, c]) for c in (0, 2, 4, 6, 1, 3, 5, 7)]
+    gi = torch.arange(64) // 32
+    assert torch.equal(dequantize_awq(packed, 32, 20),
+                       ((codes - zeros[gi]).float() * scales[gi]).T)
+
+
+def test_effective_group_size():
+    assert effective_group_size(768, 128) == 128
+    assert effective_group_size(192, 128) == 64  # CoLA rank 192
+    assert effective_group_size(64, 128) == 64
+    assert effective_group_size(48, 32) == 48  # no group of 32 fits: one group per row
+
+
+def _weight(n, k, seed=0):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def _layers():
+    w = _weight(48, 256)
+    bias = torch.randn(48) * 0.1
+    q = rtn_quantize(w, 4, 64, sym=False)
+    perm_q = rtn_quantize(w, 4, 64, sym=True)
+    order = torch.randperm(256, generator=torch.Generator().manual_seed(1))
+    perm_q.g_idx = perm_q.g_idx[torch.argsort(order)]  # a non-monotonic (act-order) g_idx
+    yield "gptq", gptq_layer(q, bias, 4, 64)
+    yield "gptq-act-order", gptq_layer(perm_q, None, 4, 64)
+    yield "gptq-3bit", gptq_layer(rtn_quantize(w, 3, 64), bias, 3, 64)
+    yield "awq", awq_layer(q, bias, 64, input_scale=torch.rand(256) + 0.5)
+    yield "int8", Int8Linear.from_float(w, bias)
+    yield "nf4", NF4Linear.from_float(_weight(64, 256), None)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 33])
+def test_kernels_match_reference(rows):
+    for name, layer in _layers():
+        x = torch.randn(rows, layer.in_features)
+        reference = F.linear(x, layer.dequantize())
+        if layer.bias is not None:
+            reference = reference + layer.bias
+        y = layer(x)
+        err = float((y - reference).norm() / reference.norm())
+        # bf16 activations (small batches) or int8 activations (large batches)
+        assert err < 0.03, f"{name} at {rows} rows: relative error {err:.4f}"
+        assert y.dtype == x.dtype and y.shape == (rows, layer.out_features)
+
+
+def test_small_batch_kernel_is_the_fast_one():
+    """The 4-bit and int8 layers really use aten's packed kernels (not the dense fallback)."""
+    for name, layer in _layers():
+        if name in ("gptq-3bit",):
+            assert layer._small_kernel() is None
+        else:
+            assert layer._small_kernel() is not None, name
+
+
+def test_dynamic_path_can_be_disabled(monkeypatch):
+    monkeypatch.setattr(qlayers, "USE_DYNAMIC_INT8", False)
+    layer = Int8Linear.from_float(_weight(32, 64))
+    x = torch.randn(40, 64)
+    ref = F.linear(x, layer.dequantize())
+    assert float((layer(x) - ref).norm() / ref.norm()) < 0.01
+    assert "dynamic" not in layer._kernels
+
+
+def test_int8_keys_are_bitsandbytes_compatible():
+    """Linear8bitLt loads our int8 tensors (it needs `.to(device)` before load_state_dict)
+    and computes the same outputs."""
+    from quant.int8 import _bnb
+
+    bnb = _bnb()
+    w = _weight(64, 128)
+    ours = Int8Linear.from_float(w)
+    theirs = bnb.nn.Linear8bitLt(128, 64, bias=False, has_fp16_weights=False, threshold=0.0)
+    theirs = theirs.to("cpu")
+    theirs.load_state_dict({"weight": ours.weight, "SCB": ours.SCB}, strict=False)
+    x = torch.randn(2, 128)
+    ref = F.linear(x, ours.dequantize())
+    assert float((theirs(x).float() - ref).norm() / ref.norm()) < 0.03
+
+
+def test_int8_kernel_survives_misaligned_weights():
+    """safetensors may return tensors at 8-byte offsets, which crash aten's int8 kernel."""
+    layer = Int8Linear.from_float(_weight(55, 64))
+    buffer = torch.zeros(55 * 64 + 8, dtype=torch.int8)
+    view = buffer[8:].view(55, 64)
+    view.copy_(layer.weight)
+    layer.weight = view
+    x = torch.randn(1, 64)
+    ref = F.linear(x, layer.dequantize())
+    assert float((layer(x) - ref).norm() / ref.norm()) < 0.03
