@@ -159,7 +159,10 @@ class Trainer:
         self.args, self.world, self.device = args, world, device
         self.out_dir = Path(args.out_dir)
         files = resolve_files(list(args.data))
-        self.resume_dir = ts.latest_checkpoint(self.out_dir) if args.resume else None
+        self.resume_dir = ts.latest_checkpoint(self.out_dir)
+        if self.resume_dir is not None and not args.resume:
+            raise CheckpointError(f"{self.out_dir} already holds checkpoints; pass --resume to "
+                                  "continue that run, or choose another --out_dir")
         if args.resume and self.resume_dir is None and world.is_main:
             _log(f"no checkpoint in {self.out_dir / 'checkpoints'}: starting from scratch")
         self.tokenizer = self._tokenizer(files, overrides.get("vocab_size"))
@@ -351,15 +354,19 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not world.is_main,
                    unit="step", mininterval=1.0 if sys.stderr.isatty() else 30.0,
                    dynamic_ncols=True)
-        window_tokens, window_time = 0, 0.0
+        window_tokens, window_time = 0, 0.0  # since the last metrics line (evals excluded)
+        smooth_tok_s = 0.0  # the bar's rate: an exponential average, steadier than one window
         try:
             while self.step < stop_at:
                 t0 = time.perf_counter()
                 loss, lr, norm = self.train_step()
-                window_time += time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
+                window_time += elapsed
                 window_tokens += self.global_batch * args.seq_len
                 tok_s = window_tokens / window_time
-                bar.set_postfix_str(f"loss {loss:.3f} | {tok_s:,.0f} tok/s | lr {lr:.2e}",
+                rate = self.global_batch * args.seq_len / elapsed
+                smooth_tok_s = rate if not smooth_tok_s else 0.9 * smooth_tok_s + 0.1 * rate
+                bar.set_postfix_str(f"loss {loss:.3f} | {smooth_tok_s:,.0f} tok/s | lr {lr:.2e}",
                                     refresh=False)
                 bar.update(1)
                 step = self.step

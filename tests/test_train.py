@@ -131,6 +131,12 @@ def test_resume_refuses_an_incompatible_checkpoint(tmp_path, tokenizer_file, cap
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_a_fresh_run_will_not_overwrite_a_run_directory(tmp_path, tokenizer_file, capsys):
+    assert main(common(tokenizer_file, tmp_path, "--stop_at_step", "1")) == 0
+    assert main(common(tokenizer_file, tmp_path)) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
 def test_original_flags_are_aliases():
     args, overrides = parse_args(["a.txt", "--epochs_text", "2", "--batch_size", "3",
                                   "--p", "0.2"])
