@@ -200,17 +200,20 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path,
                                                                         tokenizer_file):
-    """torchrun, 2 CPU ranks on gloo, batch 2 each == 1 process, batch 2 x 2 accumulation."""
+    """torchrun, 2 CPU ranks on gloo, batch 2 each (stopped at step 2 and resumed) == one
+    process, batch 2 x 2 accumulation, straight through."""
     flags = ["--dropout", "0.0", "--max_steps", "4", "--log_every", "1"]
     single = common(tokenizer_file, tmp_path / "one", *flags)
     assert main(single) == 0
     ddp = common(tokenizer_file, tmp_path / "two", *flags)
     ddp[ddp.index("--grad_accum") + 1] = "1"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "fanformer.train", *ddp], capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
+    for extra in (["--stop_at_step", "2"], ["--resume"]):  # the DDP run also resumes once
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+             "2", "-m", "fanformer.train", *ddp, *extra], capture_output=True, text=True,
+            env=env, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     a = load_checkpoint(tmp_path / "one" / "checkpoints" / "step_00000004")[0]
     b = load_checkpoint(tmp_path / "two" / "checkpoints" / "step_00000004")[0]
