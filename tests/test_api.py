@@ -1,0 +1,445 @@
+"""The HTTP API end to end: a real uvicorn server on an ephemeral port, a real AsyncEngine
+around a tiny random model, driven by the official `openai` client and by raw httpx.
+
+Relational checks throughout: streamed == non-streamed, usage == token counts, batched ==
+alone, token-id prompt == string prompt. Waiting for the server's asynchronous reactions
+(a disconnect, a queue filling up) polls a condition with a deadline, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from server.api import ServerSettings, build_app
+from server.engine import AsyncEngine, EngineConfig, LLMEngine, RequestOutput
+from tests.conftest import make_model
+
+MODEL = "tiny-test"
+KEY = "sk-test-key"
+
+
+class _ThreadServer(uvicorn.Server):
+    """uvicorn in a background thread; `ready` is set once it listens (after lifespan)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets=None):
+        await super().startup(sockets)
+        self.ready.set()
+
+
+class Running:
+    def __init__(self, engine, settings):
+        self.engine = engine
+        self.app = build_app(engine, settings)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = _ThreadServer(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                       daemon=True)
+        self.thread.start()
+        assert self.server.ready.wait(60), "the server did not start"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def make_engine(tokenizer, **config) -> AsyncEngine:
+    model = make_model("test", max_seq_len=512)
+    config = {"max_num_seqs": 32, "dtype": "float32", **config}
+    return AsyncEngine(LLMEngine(model, tokenizer, EngineConfig(**config)))
+
+
+@pytest.fixture(scope="module")
+def srv(tokenizer):
+    running = Running(make_engine(tokenizer), ServerSettings(served_model_name=MODEL,
+                                                             max_request_bytes=64 * 1024))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="EMPTY", max_retries=0)
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def metric(url: str, name: str, **labels) -> float:
+    text = httpx.get(url + "/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} {labels} not in /metrics")
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+# ---------------------------------------------------------------- plain endpoints
+def test_models_health_version_tokenize(srv, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+    assert httpx.get(srv.url + "/health").status_code == 200
+    assert httpx.get(srv.url + "/version").json()["version"]
+    tok = httpx.post(srv.url + "/tokenize", json={"prompt": "Alice was"}).json()
+    assert tok["count"] == len(tok["tokens"]) > 0
+    detok = httpx.post(srv.url + "/detokenize", json={"tokens": tok["tokens"]}).json()
+    assert detok["prompt"] == "Alice was"
+    chat = httpx.post(srv.url + "/tokenize",
+                      json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > tok["count"] - 2
+
+
+def test_completion_response_shape(srv):
+    r = httpx.post(srv.url + "/v1/completions",
+                   json={"model": MODEL, "prompt": "Alice", "max_tokens": 5, "ignore_eos": True})
+    body = r.json()
+    assert r.status_code == 200 and body["object"] == "text_completion"
+    assert body["id"].startswith("cmpl-") and isinstance(body["created"], int)
+    assert body["choices"][0].keys() == {"text", "index", "logprobs", "finish_reason"}
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 5
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
+
+
+# ---------------------------------------------------------------- streaming
+def test_stream_equals_non_stream_completions(client):
+    plain = client.completions.create(model=MODEL, prompt="The Queen said", **GREEDY)
+    chunks = list(client.completions.create(model=MODEL, prompt="The Queen said", stream=True,
+                                            **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks][-1] == plain.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_stream_equals_non_stream_chat(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, stream=True,
+                                                 **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].choices[0].delta.content == ""
+    assert chunks[-1].choices[0].delta.content is None
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == plain.choices[0].message.content
+    assert plain.object == "chat.completion" and chunks[1].object == "chat.completion.chunk"
+
+
+def test_raw_sse_framing_and_include_usage(srv):
+    tokens = httpx.post(srv.url + "/tokenize", json={"prompt": "Down the"}).json()["count"]
+    request = {"model": MODEL, "prompt": "Down the", "max_tokens": 7, "ignore_eos": True,
+               "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", srv.url + "/v1/completions", json=request) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    assert raw.endswith("data: [DONE]\n\n") and "\r" not in raw
+    events = [e[len("data: "):] for e in raw.split("\n\n") if e]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {"prompt_tokens": tokens, "completion_tokens": 7,
+                                   "total_tokens": tokens + 7}
+
+
+def test_chat_include_usage_matches_non_stream(client):
+    messages = [{"role": "user", "content": "Alice"}]
+    kwargs = {"model": MODEL, "messages": messages, "max_tokens": 6,
+              "extra_body": {"ignore_eos": True}, "temperature": 0}
+    plain = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+    assert plain.usage.completion_tokens == 6
+
+
+# ---------------------------------------------------------------- prompts, n, logprobs
+def test_prompt_shapes_and_choice_indices(srv, client):
+    ids = httpx.post(srv.url + "/tokenize", json={"prompt": "Alice"}).json()["tokens"]
+    by_text = client.completions.create(model=MODEL, prompt="Alice", **GREEDY)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, **GREEDY)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    many = client.completions.create(model=MODEL, prompt=["Alice", "Rabbit"], n=2, **GREEDY)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text == many.choices[1].text == by_text.choices[0].text
+    lists = client.completions.create(model=MODEL, prompt=[ids, ids], **GREEDY)
+    assert [c.text for c in lists.choices] == [by_text.choices[0].text] * 2
+    streamed = list(client.completions.create(model=MODEL, prompt=["Alice", "Rabbit"], n=2,
+                                              stream=True, **GREEDY))
+    for index, choice in enumerate(many.choices):
+        text = "".join(c.choices[0].text for c in streamed if c.choices[0].index == index)
+        assert text == choice.text
+
+
+def test_seed_makes_sampling_reproducible(client):
+    kwargs = {"model": MODEL, "prompt": "Alice", "max_tokens": 10, "temperature": 1.0,
+              "seed": 7, "n": 2}
+    a = client.completions.create(**kwargs)
+    b = client.completions.create(**kwargs)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+
+
+def test_echo_scoring_returns_prompt_logprobs(srv):
+    ids = httpx.post(srv.url + "/tokenize", json={"prompt": "Alice was tired"}).json()["tokens"]
+    body = httpx.post(srv.url + "/v1/completions", json={
+        "model": MODEL, "prompt": "Alice was tired", "max_tokens": 0, "echo": True,
+        "logprobs": 1}).json()
+    choice = body["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == "Alice was tired"
+    assert len(lp["tokens"]) == len(ids) and "".join(lp["tokens"]) == "Alice was tired"
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(x <= 0 for x in lp["token_logprobs"][1:])
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    assert body["usage"]["completion_tokens"] == 0
+    echo_only = httpx.post(srv.url + "/v1/completions", json={
+        "model": MODEL, "prompt": "Alice", "max_tokens": 0, "echo": True}).json()
+    assert echo_only["choices"][0]["text"] == "Alice"
+
+
+def test_logprobs_shapes(client):
+    out = client.completions.create(model=MODEL, prompt="Alice", logprobs=3, max_tokens=5,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert all(1 <= len(top) <= 4 for top in lp.top_logprobs)
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content":
+                                                                  "Hi"}],
+                                          logprobs=True, top_logprobs=2, max_tokens=4,
+                                          temperature=0, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob == c.top_logprobs[0].logprob for c in content)  # greedy = best
+    assert all(bytes(c.bytes).decode("utf-8", "replace") == c.token for c in content)
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "x", "temperature": 3}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": {"a": 1}}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [1, 99999]}, "prompt"),
+    ({"prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({}, "prompt"),
+])
+def test_invalid_requests_are_400_with_openai_body(srv, body, param):
+    r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error.keys() == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_error_statuses(srv, client):
+    r = httpx.post(srv.url + "/v1/completions", content=b"{not json",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    r = httpx.post(srv.url + "/v1/completions", json={"model": "gpt-4", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x" * 70_000})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.get(srv.url + "/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="Alice", max_tokens=600)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[])
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=[{"role": "user",
+                                                                 "content": "x"}])
+
+
+def test_unknown_fields_are_ignored(srv):
+    r = httpx.post(srv.url + "/v1/completions", json={
+        "model": MODEL, "prompt": "Alice", "max_tokens": 2, "frobnicate": 3})
+    assert r.status_code == 200
+
+
+def test_error_after_stream_started_is_an_event(srv, monkeypatch):
+    real = srv.engine.generate
+
+    async def failing(prompt_ids, params, request_id=None):
+        async for out in real(prompt_ids, params, request_id):
+            yield out
+            yield RequestOutput(out.request_id, "", [], None, out.prompt_token_ids, None,
+                                out.num_generated_tokens, True, "error", "boom")
+            return
+    monkeypatch.setattr(srv.engine, "generate", failing)
+    with httpx.stream("POST", srv.url + "/v1/completions", json={
+            "model": MODEL, "prompt": "Alice", "stream": True, "max_tokens": 5}) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    assert json.loads(events[-2])["error"]["message"] == "boom"
+    assert events[-1] == "[DONE]"
+    monkeypatch.undo()
+    wait_until(lambda: srv.engine.stats().num_running == 0)
+
+
+def test_500_hides_the_stack_trace(srv, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+    monkeypatch.setattr(srv.engine, "generate", broken)
+    r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "Alice"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "secret" not in r.text and "Traceback" not in r.text
+
+
+# ---------------------------------------------------------------- disconnects, concurrency
+def test_disconnect_mid_stream_frees_the_cache(srv):
+    aborted = metric(srv.url, "fanformer_request_success_total", finished_reason="abort")
+    with httpx.stream("POST", srv.url + "/v1/completions", json={
+            "model": MODEL, "prompt": "Alice", "stream": True, "max_tokens": 480,
+            "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        assert srv.engine.stats().num_running == 1
+    wait_until(lambda: srv.engine.stats().num_running == 0)
+    assert srv.engine.stats().kv_cache_usage == 0
+    assert metric(srv.url, "fanformer_request_success_total",
+                  finished_reason="abort") == aborted + 1
+    assert metric(srv.url, "fanformer_num_requests_running") == 0
+
+
+def test_32_concurrent_streams_each_match_alone(srv):
+    prompts = [f"Alice number {i} said" for i in range(32)]
+    params = {"model": MODEL, "max_tokens": 8, "temperature": 0}
+    sync = openai.OpenAI(base_url=srv.url + "/v1", api_key="EMPTY", max_retries=0)
+    alone = [sync.completions.create(prompt=p, **params).choices[0].text for p in prompts]
+
+    async def one(aclient, prompt):
+        text = ""
+        async for chunk in await aclient.completions.create(prompt=prompt, stream=True,
+                                                            **params):
+            text += chunk.choices[0].text
+        return text
+
+    async def all_at_once():
+        async with openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="EMPTY",
+                                      max_retries=0) as aclient:
+            return await asyncio.gather(*(one(aclient, p) for p in prompts))
+    assert asyncio.run(all_at_once()) == alone
+    assert metric(srv.url, "fanformer_time_to_first_token_seconds_count") >= 32
+
+
+# ---------------------------------------------------------------- auth, overload
+@pytest.fixture(scope="module")
+def small(tokenizer):
+    running = Running(make_engine(tokenizer, max_num_seqs=1, max_queue_len=1),
+                      ServerSettings(served_model_name=MODEL, api_key=KEY, retry_after_s=2))
+    yield running
+    running.stop()
+
+
+def test_api_key(small):
+    ok = openai.OpenAI(base_url=small.url + "/v1", api_key=KEY, max_retries=0)
+    assert ok.completions.create(model=MODEL, prompt="Alice", max_tokens=2).choices
+    bad = openai.OpenAI(base_url=small.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.completions.create(model=MODEL, prompt="Alice", max_tokens=2)
+    assert e.value.code == "invalid_api_key"
+    r = httpx.get(small.url + "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(small.url + "/health").status_code == 200
+    assert httpx.get(small.url + "/metrics").status_code == 200
+
+
+def test_full_queue_is_429_with_retry_after(small):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    long = {"model": MODEL, "prompt": "Alice", "max_tokens": 400, "ignore_eos": True,
+            "stream": True}
+    queued = []
+    waiting = threading.Thread(target=lambda: queued.append(httpx.post(
+        small.url + "/v1/completions", headers=headers, timeout=60,
+        json={**long, "stream": False, "max_tokens": 2})))
+    with httpx.Client(headers=headers, timeout=60) as http, \
+            http.stream("POST", small.url + "/v1/completions", json=long) as running:
+        assert running.status_code == 200  # holds the only slot
+        waiting.start()
+        wait_until(lambda: small.engine.stats().num_waiting == 1)
+        refused = http.post(small.url + "/v1/completions", json={**long, "max_tokens": 2})
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "2"
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        client = openai.OpenAI(base_url=small.url + "/v1", api_key=KEY, max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model=MODEL, prompt="Alice", max_tokens=2)
+    waiting.join(60)
+    assert queued[0].status_code == 200  # it ran once the slot was free
+    wait_until(lambda: small.engine.stats().num_running == 0)
+
+
+# ---------------------------------------------------------------- the command
+def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True,
+                          text=True, timeout=120, **kwargs)
+
+
+def test_cli_bad_checkpoint_is_one_line(tmp_path):
+    result = run_cli("--checkpoint", str(tmp_path / "missing"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("fanformer-serve: ") and len(result.stderr.splitlines()) == 1
+
+
+def test_cli_serves_and_drains_on_sigterm(checkpoint_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--checkpoint",
+                             str(checkpoint_dir), "--port", str(port), "--dtype", "float32",
+                             "--log_level", "warning"], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def healthy():
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                return httpx.get(url + "/health").status_code == 200
+            except httpx.HTTPError:
+                return False
+        wait_until(healthy, timeout=60)
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == checkpoint_dir.name
+        with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+                "prompt": "Alice", "max_tokens": 120, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)  # the running stream still finishes
+            events = [line[6:] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 120
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
