@@ -1,0 +1,95 @@
+"""`fanformer-quantize` end to end on a tiny checkpoint, for every method, and its errors:
+one line on stderr, exit status 2, nothing written to --output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from quant import load_any_checkpoint
+from quant.cli import REPORT_FILE, main
+from quant.config import QUANT_CONFIG_FILE
+
+FAST = ["--calib_samples", "4", "--calib_seq_len", "32", "--eval_tokens", "256",
+        "--eval_seq_len", "64", "--quiet"]
+REPORT_KEYS = {"eval_bpb_before", "eval_bpb_after", "size_bytes_before", "size_bytes_after",
+               "seconds", "model_memory_bytes_before", "model_memory_bytes_after"}
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    from tests.conftest import FIXTURES
+
+    path = tmp_path / "calib.txt"
+    path.write_text((FIXTURES / "tiny.txt").read_text())
+    return path
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("rtn", ["--lm_head", "int8"]), ("int8", []), ("nf4", []),
+    ("gptq", ["--group_size", "32", "--desc_act"]), ("awq", ["--group_size", "32"])])
+def test_every_method_end_to_end(tmp_path, checkpoint_dir, calib_file, capsys, method, extra):
+    out = tmp_path / "out"
+    code = main(["--method", method, "--checkpoint", str(checkpoint_dir), "--output", str(out),
+                 "--calib_data", str(calib_file), *FAST, *extra])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / REPORT_FILE).read_text())
+    assert printed == saved and REPORT_KEYS <= set(saved)
+    assert saved["size_bytes_after"] < saved["size_bytes_before"]
+    assert abs(saved["eval_bpb_after"] / saved["eval_bpb_before"] - 1) < 0.05
+    assert (out / QUANT_CONFIG_FILE).is_file()
+    model, _ = load_any_checkpoint(out)
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 512)
+
+
+def _fails(capsys, argv, message):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_bad_input_errors(tmp_path, checkpoint_dir, calib_file, capsys):
+    out = tmp_path / "out"
+    base = ["--checkpoint", str(checkpoint_dir), "--output", str(out), *FAST]
+    _fails(capsys, ["--method", "gguf", *base], "unknown method 'gguf'")
+    _fails(capsys, ["--method", "gptq", "--bits", "5", *base], "--bits 5 is not supported")
+    _fails(capsys, ["--method", "awq", "--bits", "3", *base], "--bits 3 is not supported")
+    _fails(capsys, ["--method", "rtn", "--group_size", "100", *base], "--group_size must be")
+    # 3-bit packing needs widths in multiples of 32; the rank-16 CoLA factors are not
+    _fails(capsys, ["--method", "gptq", "--bits", "3", *base], "unsupported bits/group size")
+    short = tmp_path / "short.txt"
+    short.write_text("too short to calibrate on")
+    _fails(capsys, ["--method", "gptq", "--calib_data", str(short), *base],
+           "fewer than the 4 samples")
+    _fails(capsys, ["--method", "awq", "--calib_data", str(tmp_path / "nope.txt"), *base],
+           "cannot read the calibration text")
+    _fails(capsys, ["--method", "rtn", "--checkpoint", str(tmp_path / "missing"),
+                    "--output", str(out), *FAST], "does not exist")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_already_quantized_checkpoint_is_refused(tmp_path, checkpoint_dir, capsys):
+    first = tmp_path / "q"
+    assert main(["--method", "rtn", "--checkpoint", str(checkpoint_dir), "--output",
+                 str(first), *FAST]) == 0
+    capsys.readouterr()
+    _fails(capsys, ["--method", "int8", "--checkpoint", str(first), "--output",
+                    str(tmp_path / "qq"), *FAST], "already quantized")
+    assert not (tmp_path / "qq").exists()
+
+
+def test_module_entry_point_runs():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "quant.cli", "--method", "nope",
+                             "--checkpoint", "x", "--output", "y"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "unknown method" in result.stderr
