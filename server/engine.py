@@ -1,0 +1,325 @@
+"""The generation engine: continuous batching over a slot KV cache (synchronous core).
+
+`LLMEngine.step` reads like vLLM's: plan = scheduler.schedule() -> one forward over the
+flattened batch (decode tokens and prefill chunks together) -> sample -> update. It owns
+the KV cache pool, each request's sampler state and incremental detokenizer, and turns
+them into `RequestOutput`s. An exception while handling one request finishes that request
+alone with "error"; an exception in the batched forward propagates (the async front then
+declares the engine dead). The async front lives in server/async_engine.py and is
+re-exported here. This module deals in token ids and `SamplingParams`; it knows nothing of
+HTTP. server/api.py (through AsyncEngine), server/generate_cli.py and the tests call it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from fanformer.tokenizer import Tokenizer
+from server.detokenizer import IncrementalDetokenizer
+from server.kv_cache import KVCachePool, Segment, StepAttention
+from server.sampling import SamplingParams, SamplingState, sample_batch, top_logprobs
+from server.scheduler import Scheduler, SchedulerPlan, Sequence
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the top-N alternatives (token id, logprob), best first
+
+
+@dataclass
+class RequestOutput:
+    """One per step that produced something for a request; fields are deltas except totals."""
+
+    request_id: str
+    text: str  # new text since the previous output
+    token_ids: list[int]  # new generated token ids since the previous output
+    logprobs: list[TokenLogprob] | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[TokenLogprob | None] | None  # only in the first output
+    num_generated_tokens: int
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64  # running sequences at most (= KV cache slots)
+    max_model_len: int | None = None  # default: the model's max_seq_len
+    max_num_batched_tokens: int = 512  # per-step token budget (decodes + prefill chunks)
+    enable_chunked_prefill: bool = True
+    max_queue_len: int = 256  # waiting requests beyond this are refused (QueueFullError)
+    device: str = "cpu"
+    dtype: str = "auto"  # auto = bfloat16 (CPU and CUDA); float32 and float16 also allowed
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, "
+                             f"got {self.dtype!r}")
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # share of slots in use, 0..1
+    num_free_slots: int
+    num_slots: int
+    num_steps: int
+
+
+class EngineError(Exception):
+    """Base of the errors the engine raises to its callers."""
+
+
+class QueueFullError(EngineError):
+    """Too many requests are waiting (HTTP 429)."""
+
+
+class RequestTooLongError(EngineError):
+    """prompt + max_tokens does not fit max_model_len (HTTP 400)."""
+
+
+class EngineDeadError(EngineError):
+    """The engine loop died; no request can be served (HTTP 503)."""
+
+
+@dataclass(eq=False)
+class _RequestState:
+    params: SamplingParams
+    sampler: SamplingState
+    detok: IncrementalDetokenizer
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    sent_first: bool = False
+    stop_ids: set[int] = field(default_factory=set)
+
+
+class LLMEngine:
+    """add_request / abort / step; everything runs in the caller's thread."""
+
+    def __init__(self, model, tokenizer: Tokenizer, config: EngineConfig | None = None):
+        config = config or EngineConfig()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model_config = model.config
+        self.max_model_len = config.max_model_len or model.config.max_seq_len
+        problems = []
+        if config.max_num_seqs < 1:
+            problems.append(f"max_num_seqs must be >= 1, got {config.max_num_seqs}")
+        if not 1 <= self.max_model_len <= model.config.max_seq_len:
+            problems.append(f"max_model_len must be in [1, {model.config.max_seq_len}] "
+                            f"(the model's context), got {self.max_model_len}")
+        if config.max_num_batched_tokens < 1:
+            problems.append(f"max_num_batched_tokens must be >= 1, "
+                            f"got {config.max_num_batched_tokens}")
+        if config.max_queue_len < 0:
+            problems.append(f"max_queue_len must be >= 0, got {config.max_queue_len}")
+        if problems:
+            raise ValueError("invalid EngineConfig: " + "; ".join(problems))
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype()
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if hasattr(self.model, "reset_buffers"):
+            self.model.reset_buffers(self.device)  # the RoPE table stays fp32
+        self.pool = KVCachePool(model.config, config.max_num_seqs, self.max_model_len,
+                                self.dtype, self.device)
+        logger.info("%s", self.pool.describe())
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        self.num_steps = 0
+        self.vocab_size = model.config.vocab_size
+
+    # ---- requests ----
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError / RequestTooLongError for a request that can never run."""
+        params.validate(self.vocab_size)
+        if not prompt_ids:
+            raise ValueError("the prompt must hold at least one token")
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[0]}")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise RequestTooLongError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                f"exceeds the maximum context length of {self.max_model_len} tokens; "
+                "shorten the prompt or lower max_tokens")
+
+    def add_request(self, request_id: str, prompt_ids: list[int],
+                    params: SamplingParams) -> None:
+        self.check_request(prompt_ids, params)
+        if len(self.scheduler.waiting) >= self.config.max_queue_len:
+            raise QueueFullError(f"{len(self.scheduler.waiting)} requests are already "
+                                 "waiting; retry later")
+        prompt_ids = list(prompt_ids)
+        seq = Sequence(request_id, prompt_ids, params.max_tokens)
+        eos = self.tokenizer.eos_id
+        sampler = SamplingState.create(params, prompt_ids, seq.output_ids, eos, self.device)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop,
+                                       params.include_stop_str_in_output,
+                                       params.skip_special_tokens)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.add(eos)
+        seq.data = _RequestState(params, sampler, detok,
+                                 [None] if params.prompt_logprobs is not None else None,
+                                 stop_ids=stop_ids)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Finish a request now and free its cache slot; unknown ids are ignored."""
+        seq = self.scheduler.by_id.get(request_id)
+        if seq is not None:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        used = s.num_slots - s.num_free_slots
+        return EngineStats(len(s.running), len(s.waiting), used / s.num_slots,
+                           s.num_free_slots, s.num_slots, self.num_steps)
+
+    # ---- one step ----
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        self.num_steps += 1
+        logits, rows = self._forward(plan)
+        self.scheduler.update(plan)
+        return self._postprocess(plan, logits, rows)
+
+    def _forward(self, plan: SchedulerPlan) -> tuple[torch.Tensor, list[list[int]]]:
+        """One forward over the plan's tokens -> fp32 logits of the rows that need them,
+        and for each chunk the indices (into those logits) of its rows."""
+        ids = [c.seq.token_at(c.start + i) for c in plan.chunks for i in range(c.length)]
+        segments = [Segment(c.seq.slot, c.start, c.length) for c in plan.chunks]
+        attention = StepAttention(self.pool, segments)
+        wanted: list[int] = []  # batch indices whose logits we compute
+        rows: list[list[int]] = []
+        offset = 0
+        for c in plan.chunks:
+            state: _RequestState = c.seq.data
+            chunk_rows = []
+            if state.prompt_logprobs is not None and c.start < len(c.seq.prompt_ids):
+                chunk_rows = list(range(offset, offset + c.length))  # every prompt position
+            elif c.samples:
+                chunk_rows = [offset + c.length - 1]
+            rows.append(list(range(len(wanted), len(wanted) + len(chunk_rows))))
+            wanted.extend(chunk_rows)
+            offset += c.length
+        model = self.model
+        input_ids = torch.tensor([ids], device=self.device)  # (1, N)
+        x = model.embed(input_ids)  # (1, N, d)
+        for i, block in enumerate(model.blocks):
+            x = block(x, attention.positions, model.rope, i, attention)
+        # the LM head only on the rows we sample from (or score): the model's forward would
+        # run it over every prefill token
+        index = torch.tensor(wanted, dtype=torch.long, device=self.device)
+        h = model.norm(x[0, index])  # (R, d)
+        logits = model.lm_head(h)[:, : self.vocab_size].float()  # (R, vocab)
+        return logits, rows
+
+    def _postprocess(self, plan: SchedulerPlan, logits: torch.Tensor,
+                     rows: list[list[int]]) -> list[RequestOutput]:
+        sampling = [(c, r[-1]) for c, r in zip(plan.chunks, rows)
+                    if c.samples and c.seq.data.params.max_tokens > 0]
+        states = [c.seq.data.sampler for c, _ in sampling]
+        tokens = sample_batch(logits[[r for _, r in sampling]], states) if sampling else []
+        token_of = {id(c): t for (c, _), t in zip(sampling, tokens)}
+        logprobs = None
+        if any(c.seq.data.params.logprobs is not None or c.seq.data.prompt_logprobs is not None
+               for c in plan.chunks):
+            logprobs = torch.log_softmax(logits, dim=-1)  # (R, vocab), the raw distribution
+        outputs = []
+        for chunk, chunk_rows in zip(plan.chunks, rows):
+            seq = chunk.seq
+            if seq.finished:
+                continue
+            try:
+                out = self._advance(chunk, chunk_rows, token_of.get(id(chunk)), logprobs)
+            except Exception as e:  # noqa: BLE001 - one request fails, the batch goes on
+                logger.exception("request %s failed", seq.request_id)
+                self.scheduler.finish(seq, "error")
+                out = self._output(seq, "", [], None, error=f"{type(e).__name__}: {e}")
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _advance(self, chunk, chunk_rows, token, logprobs) -> RequestOutput | None:
+        seq: Sequence = chunk.seq
+        state: _RequestState = seq.data
+        params = state.params
+        if isinstance(token, Exception):
+            raise token
+        if state.prompt_logprobs is not None and chunk.start < len(seq.prompt_ids):
+            self._add_prompt_logprobs(seq, chunk, chunk_rows, logprobs)
+        if not chunk.samples:
+            return None  # a prefill chunk in the middle of the prompt
+        if params.max_tokens == 0:  # echo scoring only
+            self.scheduler.finish(seq, "length")
+            return self._output(seq, "", [], None)
+        seq.output_ids.append(token)
+        token_logprobs = None
+        if params.logprobs is not None:
+            row = chunk_rows[-1]
+            (lp, top), = top_logprobs(logprobs[row: row + 1],
+                                      torch.tensor([token], device=logprobs.device),
+                                      params.logprobs)
+            token_logprobs = [TokenLogprob(token, lp, top)]
+        is_stop_id = token in state.stop_ids and len(seq.output_ids) > params.min_tokens - 1
+        hide = is_stop_id and not params.include_stop_str_in_output
+        text = state.detok.add_token(token, visible=not hide)
+        reason = None
+        if state.detok.stopped or is_stop_id:
+            reason = "stop"
+        elif len(seq.output_ids) >= params.max_tokens:
+            reason = "length"
+        if reason is not None:
+            if not state.detok.stopped:
+                text += state.detok.flush()
+            self.scheduler.finish(seq, reason)
+        return self._output(seq, text, [token], token_logprobs)
+
+    def _add_prompt_logprobs(self, seq, chunk, chunk_rows, logprobs) -> None:
+        """Logits at prompt position p score prompt token p + 1."""
+        state: _RequestState = seq.data
+        n_prompt = len(seq.prompt_ids)
+        targets = [p + 1 for p in range(chunk.start, chunk.start + chunk.length)
+                   if p + 1 < n_prompt]
+        if not targets:
+            return
+        ids = torch.tensor([seq.prompt_ids[t] for t in targets], device=logprobs.device)
+        picked = logprobs[chunk_rows[: len(targets)]]
+        for t, (lp, top) in zip(targets, top_logprobs(picked, ids, state.params.prompt_logprobs)):
+            state.prompt_logprobs.append(TokenLogprob(seq.prompt_ids[t], lp, top))
+
+    def _output(self, seq: Sequence, text: str, token_ids: list[int],
+                logprobs: list[TokenLogprob] | None, error: str | None = None) -> RequestOutput:
+        state: _RequestState = seq.data
+        prompt_logprobs = None
+        if not state.sent_first:
+            state.sent_first = True
+            prompt_logprobs = state.prompt_logprobs
+        if state.params.logprobs is not None and logprobs is None:
+            logprobs = []
+        return RequestOutput(seq.request_id, text, token_ids, logprobs, seq.prompt_ids,
+                             prompt_logprobs, len(seq.output_ids), seq.finished,
+                             seq.finish_reason, error)
+
+
+from server.async_engine import AsyncEngine  # noqa: E402,F401 - re-exported for server/api.py

@@ -1,0 +1,245 @@
+"""The engine against the reference loop: greedy equality alone and batched, chunked prefill on
+and off, seeded sampling batch-invariance, logprobs, errors, aborts, and the async front."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from fanformer.generate import generate
+from server.engine import (
+    AsyncEngine,
+    EngineConfig,
+    LLMEngine,
+    QueueFullError,
+    RequestTooLongError,
+)
+from server.sampling import SamplingParams
+from tests.conftest import make_model
+
+PROMPTS = [[5], [17, 42, 9], list(range(3, 40)), [(7 * i) % 500 + 1 for i in range(70)]]
+
+
+def make_engine(model, tokenizer, **overrides) -> LLMEngine:
+    config = EngineConfig(**{"dtype": "float32", "max_num_seqs": 8, **overrides})
+    return LLMEngine(model, tokenizer, config)
+
+
+def run_all(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]):
+    """Submit everything, step to the end; returns request id -> (token ids, text, outputs)."""
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    results = {rid: ([], "", []) for rid in requests}
+    finished = set()
+    while engine.has_unfinished():
+        for out in engine.step():
+            ids, text, outs = results[out.request_id]
+            assert out.request_id not in finished, "an output after the final one"
+            results[out.request_id] = (ids + out.token_ids, text + out.text, outs + [out])
+            if out.finished:
+                finished.add(out.request_id)
+    assert finished == set(requests), "every request finishes exactly once"
+    return results
+
+
+@pytest.mark.parametrize("chunked,budget", [(True, 16), (True, 512), (False, 512)])
+def test_greedy_matches_reference_alone_and_batched(tokenizer, chunked, budget):
+    model = make_model()
+    expected = [generate(model, p, 12, temperature=0) for p in PROMPTS]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):  # each alone
+        engine = make_engine(model, tokenizer, enable_chunked_prefill=chunked,
+                             max_num_batched_tokens=budget)
+        ids, _, _ = run_all(engine, {"a": (prompt, greedy)})["a"]
+        assert ids == expected[i]
+    engine = make_engine(model, tokenizer, enable_chunked_prefill=chunked,
+                         max_num_batched_tokens=budget)
+    together = run_all(engine, {str(i): (p, greedy) for i, p in enumerate(PROMPTS)})
+    assert [together[str(i)][0] for i in range(len(PROMPTS))] == expected
+
+
+def test_greedy_matches_reference_with_staggered_arrivals(tokenizer):
+    """Requests joining a running batch (non-contiguous slots after an early finish)."""
+    model = make_model(preset="transformer-test")
+    engine = make_engine(model, tokenizer, max_num_batched_tokens=24)
+    lengths = [3, 20, 5, 9, 14, 2]
+    prompts = [[(11 * i + 3 * j) % 500 + 1 for j in range(6 + 5 * i)] for i in range(6)]
+    expected = {str(i): generate(model, p, n, temperature=0)
+                for i, (p, n) in enumerate(zip(prompts, lengths))}
+    got = {str(i): [] for i in range(6)}
+    pending = list(range(6))
+    while pending or engine.has_unfinished():
+        if pending:
+            i = pending.pop(0)
+            engine.add_request(str(i), prompts[i],
+                               SamplingParams(max_tokens=lengths[i], temperature=0,
+                                              ignore_eos=True))
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+    assert got == expected
+
+
+def test_seeded_sampling_is_batch_invariant(tokenizer):
+    model = make_model()
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=1234,
+                            ignore_eos=True)
+    alone = run_all(make_engine(model, tokenizer), {"x": (PROMPTS[1], params)})["x"][0]
+    others = {f"o{i}": (p, SamplingParams(max_tokens=7, temperature=1.0, seed=i))
+              for i, p in enumerate(PROMPTS)}
+    mixed = run_all(make_engine(model, tokenizer, max_num_batched_tokens=20),
+                    {**others, "x": (PROMPTS[1], params)})["x"][0]
+    assert alone == mixed
+    reference = generate(model, PROMPTS[1], 10, temperature=0.9, top_k=50, top_p=0.9,
+                         generator=torch.Generator().manual_seed(1234))
+    assert alone == reference  # same filters, same generator: the reference loop's draws
+
+
+def test_logprobs_and_prompt_logprobs_match_a_full_forward(tokenizer):
+    model = make_model()
+    prompt = PROMPTS[2]
+    params = SamplingParams(max_tokens=3, temperature=0, logprobs=2, prompt_logprobs=1,
+                            ignore_eos=True)
+    engine = make_engine(model, tokenizer, max_num_batched_tokens=10)  # chunked prompt
+    ids, _, outs = run_all(engine, {"a": (prompt, params)})["a"]
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([prompt + ids]))[0].float(), -1)
+    plp = outs[0].prompt_logprobs
+    assert plp[0] is None and len(plp) == len(prompt)
+    for p in range(1, len(prompt)):
+        assert plp[p].token_id == prompt[p]
+        assert plp[p].logprob == pytest.approx(float(full[p - 1, prompt[p]]), abs=1e-4)
+        assert len(plp[p].top) == 1
+    lps = [lp for o in outs for lp in o.logprobs]
+    assert [lp.token_id for lp in lps] == ids
+    for i, lp in enumerate(lps):
+        position = len(prompt) - 1 + i
+        assert lp.logprob == pytest.approx(float(full[position, ids[i]]), abs=1e-4)
+        assert lp.top[0][0] == ids[i] and len(lp.top) == 2  # greedy: the best is chosen
+    assert all(o.prompt_logprobs is None for o in outs[1:])
+
+
+def test_echo_scoring_with_zero_max_tokens(tokenizer):
+    engine = make_engine(make_model(), tokenizer)
+    params = SamplingParams(max_tokens=0, prompt_logprobs=0)
+    ids, text, outs = run_all(engine, {"a": (PROMPTS[1], params)})["a"]
+    assert ids == [] and text == "" and outs[-1].finish_reason == "length"
+    assert len(outs[0].prompt_logprobs) == len(PROMPTS[1])
+
+
+def test_eos_and_stop_token_ids_finish_with_stop(tokenizer):
+    model = make_model()
+    first = generate(model, PROMPTS[2], 30, temperature=1.0,
+                     generator=torch.Generator().manual_seed(3))
+    k = next(i for i in range(1, 30) if first[i] not in first[:i])  # a token new at k
+    engine = make_engine(model, tokenizer)
+    params = SamplingParams(max_tokens=30, seed=3, ignore_eos=True, stop_token_ids=[first[k]])
+    ids, _, outs = run_all(engine, {"a": (PROMPTS[2], params)})["a"]
+    assert ids == first[: k + 1] and outs[-1].finish_reason == "stop"
+    params = SamplingParams(max_tokens=5, temperature=0, stop_token_ids=[first[0]], min_tokens=2)
+    ids, _, _ = run_all(make_engine(model, tokenizer), {"a": (PROMPTS[2], params)})["a"]
+    assert first[0] not in ids[:2]
+    eos = tokenizer.eos_id  # EOS ends a request unless ignore_eos
+    engine = make_engine(model, tokenizer)
+    params = SamplingParams(max_tokens=30, temperature=0, logit_bias={eos: 100.0})
+    ids, text, outs = run_all(engine, {"a": (PROMPTS[2], params)})["a"]
+    assert ids == [eos] and text == "" and outs[-1].finish_reason == "stop"
+
+
+def test_refusals(tokenizer):
+    engine = make_engine(make_model(), tokenizer, max_model_len=64, max_queue_len=1)
+    with pytest.raises(RequestTooLongError, match="64"):
+        engine.add_request("a", list(range(1, 60)), SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="top_p must be in"):
+        engine.add_request("a", [1], SamplingParams(top_p=1.5))
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.add_request("a", [], SamplingParams())
+    engine.add_request("a", [1], SamplingParams())
+    with pytest.raises(QueueFullError):
+        engine.add_request("b", [1], SamplingParams())
+
+
+def test_one_failing_request_does_not_stop_the_others(tokenizer, monkeypatch):
+    import server.sampling as sampling
+
+    engine = make_engine(make_model(), tokenizer)
+    original = sampling._draw
+
+    def draw(row, state):
+        if state.params.seed == 666:
+            raise RuntimeError("boom")
+        return original(row, state)
+
+    monkeypatch.setattr(sampling, "_draw", draw)
+    res = run_all(engine, {"bad": ([1, 2], SamplingParams(max_tokens=4, seed=666)),
+                           "good": ([1, 2], SamplingParams(max_tokens=4, seed=1,
+                                                           ignore_eos=True))})
+    assert res["bad"][2][-1].finish_reason == "error" and "boom" in res["bad"][2][-1].error
+    assert len(res["good"][0]) == 4
+    assert engine.stats().num_free_slots == engine.stats().num_slots
+
+
+def test_random_requests_and_aborts_free_every_slot(tokenizer):
+    rng = random.Random(0)
+    model = make_model()
+    engine = make_engine(model, tokenizer, max_num_seqs=6, max_num_batched_tokens=32,
+                         max_queue_len=1000)
+    finals: dict[str, int] = {}
+    submitted, aborted = [], set()
+    for _ in range(2000):
+        if len(submitted) < 300 and rng.random() < 0.6:
+            rid = f"r{len(submitted)}"
+            prompt = [rng.randrange(1, 500) for _ in range(rng.randint(1, 40))]
+            params = SamplingParams(max_tokens=rng.randint(1, 12), temperature=rng.choice([0, 1]),
+                                    seed=rng.randrange(100), stop=rng.choice([[], ["e"]]))
+            engine.add_request(rid, prompt, params)
+            submitted.append(rid)
+        if submitted and rng.random() < 0.15:
+            rid = rng.choice(submitted)
+            if rid not in finals and rid not in aborted:
+                engine.abort(rid)
+                aborted.add(rid)
+        for out in engine.step():
+            assert out.request_id not in finals and out.request_id not in aborted
+            if out.finished:
+                finals[out.request_id] = 1
+        if len(submitted) == 300 and not engine.has_unfinished():
+            break
+    assert not engine.has_unfinished()
+    assert set(finals) | aborted == set(submitted) and not set(finals) & aborted
+    stats = engine.stats()
+    assert stats.num_free_slots == stats.num_slots and stats.kv_cache_usage == 0
+
+
+def test_async_engine_streams_and_aborts_on_early_exit(tokenizer):
+    model = make_model()
+    expected = generate(model, PROMPTS[2], 8, temperature=0)
+
+    async def main():
+        engine = AsyncEngine(make_engine(model, tokenizer))
+        await engine.start()
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        ids = []
+        async for out in engine.generate(PROMPTS[2], params):
+            ids += out.token_ids
+        assert ids == expected
+        gen = engine.generate(PROMPTS[2], SamplingParams(max_tokens=50, ignore_eos=True),
+                              request_id="early")
+        await gen.__anext__()
+        await gen.aclose()  # the consumer leaves: the request is aborted
+        with pytest.raises(RequestTooLongError):
+            await engine.generate(PROMPTS[2], SamplingParams(max_tokens=1000)).__anext__()
+        both = await asyncio.gather(*[collect(engine, p) for p in PROMPTS])
+        await engine.shutdown()
+        stats = engine.stats()
+        assert stats.num_free_slots == stats.num_slots
+        return both
+
+    async def collect(engine, prompt):
+        params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+        return [t async for out in engine.generate(prompt, params) for t in out.token_ids]
+
+    both = asyncio.run(main())
+    assert both == [generate(model, p, 5, temperature=0) for p in PROMPTS]
