@@ -92,8 +92,16 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
+        """Follow device moves but never dtype casts: `model.to(torch.bfloat16)` (what the
+        engine does) must not round fp16 scales or fp32 absmax to bf16."""
         self._kernels = {}
-        return super()._apply(fn, recurse)
+        before = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -164,3 +164,13 @@ def test_int8_kernel_survives_misaligned_weights():
     x = torch.randn(1, 64)
     ref = F.linear(x, layer.dequantize())
     assert float((layer(x) - ref).norm() / ref.norm()) < 0.03
+
+
+def test_casting_the_model_keeps_quantized_tensors_exact():
+    """`model.to(torch.bfloat16)` (the engine's cast) moves but never rounds our tensors."""
+    for name, layer in _layers():
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        layer.to(torch.bfloat16)
+        after = layer.state_dict()
+        assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype
+                   for k in before), name
