@@ -53,14 +53,10 @@ class ScheduledChunk:
     seq: Sequence
     start: int
     length: int
+    samples: bool = field(init=False)  # fixed when planned, before tokens are appended
 
-    @property
-    def samples(self) -> bool:
-        return self.start + self.length == self.seq.num_tokens
-
-    @property
-    def is_decode(self) -> bool:
-        return not self.seq.prefilling or (self.length == 1 and self.samples)
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.length == self.seq.num_tokens
 
 
 @dataclass
