@@ -243,3 +243,20 @@ def test_async_engine_streams_and_aborts_on_early_exit(tokenizer):
 
     both = asyncio.run(main())
     assert both == [generate(model, p, 5, temperature=0) for p in PROMPTS]
+
+
+def test_generate_cli_matches_the_reference_cli(checkpoint_dir, capsys):
+    from fanformer.generate import main as reference_main
+    from server.generate_cli import main
+
+    args = ["--checkpoint", str(checkpoint_dir), "--prompt", "Alice was", "--max_length", "12",
+            "--temperature", "0"]
+    assert reference_main(args) == 0
+    expected = capsys.readouterr().out
+    assert main(args + ["--dtype", "float32"]) == 0
+    assert capsys.readouterr().out == expected
+    assert main(args[:4] + ["--max_length", "5000"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fanformer-generate: error:") and "context" in err
+    assert main(["--checkpoint", str(checkpoint_dir / "missing"), "--prompt", "x"]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
