@@ -327,7 +327,9 @@ def test_disconnect_mid_stream_frees_the_cache(srv):
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
         assert srv.engine.stats().num_running == 1
+        steps = srv.engine.stats().num_steps
     wait_until(lambda: srv.engine.stats().num_running == 0)
+    assert srv.engine.stats().num_steps - steps < 240  # aborted, not run to its 480 tokens
     assert srv.engine.stats().kv_cache_usage == 0
     assert metric(srv.url, "fanformer_request_success_total",
                   finished_reason="abort") == aborted + 1
@@ -443,3 +445,51 @@ def test_cli_serves_and_drains_on_sigterm(checkpoint_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_disconnect_while_queued_leaves_the_queue(small):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    long = {"model": MODEL, "prompt": "Alice", "max_tokens": 500, "ignore_eos": True,
+            "stream": True}
+    body = json.dumps({**long, "stream": False, "max_tokens": 2}).encode()
+    aborted = metric(small.url, "fanformer_request_success_total", finished_reason="abort")
+    finished = metric(small.url, "fanformer_request_success_total", finished_reason="length")
+    with httpx.Client(headers=headers, timeout=60) as http, \
+            http.stream("POST", small.url + "/v1/completions", json=long) as running:
+        assert running.status_code == 200  # holds the only slot
+        host, port = small.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Type: application/json\r\nAuthorization: Bearer " +
+                        KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() +
+                        b"\r\n\r\n" + body)
+            wait_until(lambda: small.engine.stats().num_waiting == 1)
+        wait_until(lambda: metric(small.url, "fanformer_request_success_total",
+                                  finished_reason="abort") == aborted + 1)
+        # aborted while still queued: nothing has finished meanwhile (the stream still runs)
+        assert metric(small.url, "fanformer_request_success_total",
+                      finished_reason="length") == finished
+        assert small.engine.stats().num_waiting == 0
+    wait_until(lambda: small.engine.stats().num_running == 0)
+
+
+def test_health_is_503_until_started_and_after_death(tokenizer):
+    engine = make_engine(tokenizer, max_num_seqs=1)
+    app = build_app(engine, ServerSettings(served_model_name=MODEL, cors_origins=("*",),
+                                           api_key=KEY))
+
+    async def probe():
+        transport = httpx.ASGITransport(app=app)  # no lifespan: the engine never starts
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            loading = await http.get("/health")
+            engine.is_running, engine.is_dead = True, True
+            dead = await http.get("/health")
+            preflight = await http.options("/v1/completions", headers={
+                "Origin": "http://example.com", "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,x-stainless-os"})
+            return loading, dead, preflight
+    loading, dead, preflight = asyncio.run(probe())
+    assert loading.status_code == 503 and loading.json()["error"]["code"] == "not_ready"
+    assert dead.status_code == 503 and dead.json()["error"]["code"] == "engine_dead"
+    assert preflight.status_code == 200  # CORS preflights need no key
+    assert preflight.headers["access-control-allow-origin"] in ("*", "http://example.com")
