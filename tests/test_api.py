@@ -493,3 +493,22 @@ def test_health_is_503_until_started_and_after_death(tokenizer):
     assert dead.status_code == 503 and dead.json()["error"]["code"] == "engine_dead"
     assert preflight.status_code == 200  # CORS preflights need no key
     assert preflight.headers["access-control-allow-origin"] in ("*", "http://example.com")
+
+
+def test_cli_load_reads_quantization_from_the_checkpoint_not_its_name(tmp_path, tokenizer):
+    from fanformer.checkpoint import save_checkpoint
+    from quant.config import QuantConfig
+    from quant.convert import block_linears, save_quantized
+    from quant.int8 import quantize_rtn
+    from quant.layers import GPTQLinear
+    from server.cli import load
+
+    model = make_model("test")
+    names = block_linears(model)
+    quantize_rtn(model, names, 4, 128, True)
+    save_quantized(tmp_path / "plain-name", model, tokenizer, QuantConfig(method="rtn", bits=4))
+    quantized, _, name = load(str(tmp_path / "plain-name"), "cpu", "float32")
+    assert isinstance(quantized.get_submodule(names[0]), GPTQLinear) and name == "plain-name"
+    save_checkpoint(tmp_path / "model-gptq-4bit", make_model("test"), tokenizer)
+    plain, _, _ = load(str(tmp_path / "model-gptq-4bit"), "cpu", "float32")
+    assert not isinstance(plain.get_submodule(names[0]), GPTQLinear)
