@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from fanformer.config import ModelConfig
 from fanformer.model import FANformer
-from fanformer.train import TrainArgs, make_optimizer
+from fanformer.train import TrainArgs
+from fanformer.trainer import make_optimizer
 
 
 def bench(preset: str, precision: str, device: str, batch: int, seq_len: int, steps: int,
