@@ -204,7 +204,7 @@ class LLMEngine:
         return self._postprocess(plan, logits, rows)
 
     def _forward(self, plan: SchedulerPlan) -> tuple[torch.Tensor, list[list[int]]]:
-        """One forward over the plan's tokens -> fp32 logits of the rows that need them,
+        """One forward over the plan's tokens -> logits of the rows that need them,
         and for each chunk the indices (into those logits) of its rows."""
         ids = [c.seq.token_at(c.start + i) for c in plan.chunks for i in range(c.length)]
         segments = [Segment(c.seq.slot, c.start, c.length) for c in plan.chunks]
@@ -231,7 +231,7 @@ class LLMEngine:
         # run it over every prefill token
         index = torch.tensor(wanted, dtype=torch.long, device=self.device)
         h = model.norm(x[0, index])  # (R, d)
-        logits = model.lm_head(h)[:, : self.vocab_size].float()  # (R, vocab)
+        logits = model.lm_head(h)[:, : self.vocab_size]  # (R, vocab), the model's dtype
         return logits, rows
 
     def _postprocess(self, plan: SchedulerPlan, logits: torch.Tensor,
@@ -244,7 +244,7 @@ class LLMEngine:
         logprobs = None
         if any(c.seq.data.params.logprobs is not None or c.seq.data.prompt_logprobs is not None
                for c in plan.chunks):
-            logprobs = torch.log_softmax(logits, dim=-1)  # (R, vocab), the raw distribution
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (R, vocab), raw model
         outputs = []
         for chunk, chunk_rows in zip(plan.chunks, rows):
             seq = chunk.seq

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from fanformer.config import ModelConfig
 
+SPAN_MULTIPLE = 64  # decode attention spans are padded (and masked) to a multiple of this
+
 
 class KVCachePool:
     def __init__(self, config: ModelConfig, num_slots: int, max_len: int,
@@ -76,10 +78,18 @@ class StepAttention:
         self.dec_mask: torch.Tensor | None = None
         if n_dec:
             dec = segments[:n_dec]
-            self.dec_span = max(s.start for s in dec) + 1
+            # Batched matmuls are fast only on dense (D, n_kv, S, hd) keys: a strided view
+            # falls back to one small GEMM per (sequence, head). So the decode group reads
+            # either the whole slot range as a view (contiguous slots, span = max_len) or a
+            # dense copy of the filled prefix. The span is rounded up (masked) to a multiple
+            # of SPAN_MULTIPLE, which the bf16 kernels prefer and which makes the view case
+            # common for short contexts.
+            longest = max(s.start for s in dec) + 1
+            self.dec_span = min(-(-longest // SPAN_MULTIPLE) * SPAN_MULTIPLE, pool.max_len)
             first = dec[0].slot
-            if all(s.slot == first + i for i, s in enumerate(dec)):
-                self.dec_view = slice(first, first + n_dec)  # contiguous: no gather
+            contiguous = all(s.slot == first + i for i, s in enumerate(dec))
+            if contiguous and self.dec_span == pool.max_len:
+                self.dec_view = slice(first, first + n_dec)
             else:
                 self.dec_index = torch.tensor([s.slot for s in dec], device=device)
             if any(s.start + 1 != self.dec_span for s in dec):
@@ -106,16 +116,12 @@ class StepAttention:
         vc[self.write_slots, :, self.write_pos] = v[0].transpose(0, 1).to(vc.dtype)
         outs = []
         if self.n_dec:
-            qd = q[0, :, : self.n_dec].transpose(0, 1).unsqueeze(2)  # (D, H, 1, hd)
             if self.dec_view is not None:
-                kd = kc[self.dec_view, :, : self.dec_span]  # (D, n_kv, S, hd), a view
-                vd = vc[self.dec_view, :, : self.dec_span]
+                kd, vd = kc[self.dec_view], vc[self.dec_view]  # (D, n_kv, max_len, hd) views
             else:
-                kd = kc[self.dec_index, :, : self.dec_span]  # a gather copy
+                kd = kc[self.dec_index, :, : self.dec_span]  # dense (D, n_kv, S, hd) copies
                 vd = vc[self.dec_index, :, : self.dec_span]
-            od = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype),
-                                                attn_mask=self.dec_mask, enable_gqa=True)
-            outs.append(od.squeeze(2).transpose(0, 1)[None])  # (1, H, D, hd)
+            outs.append(self._decode_attention(q[0, :, : self.n_dec], kd, vd))
         for offset, slot, start, length, mask in self.chunks:
             qc = q[:, :, offset: offset + length]  # (1, H, T, hd)
             end = start + length
@@ -128,3 +134,22 @@ class StepAttention:
                                                     enable_gqa=True)
             outs.append(oc)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _decode_attention(self, q, k, v):
+        """One query per sequence: q (H, D, hd), k/v (D, n_kv, S, hd) -> (1, H, D, hd).
+
+        Two batched matmuls and a softmax: with one query row, SDPA's CPU flash kernel
+        spends most of its time on blocking and on the mask, not on arithmetic.
+        """
+        heads, batch, hd = q.shape
+        n_kv = k.shape[1]
+        group = heads // n_kv  # query head h reads kv head h // group
+        qg = q.view(n_kv, group, batch, hd).permute(2, 0, 1, 3)  # (D, n_kv, G, hd)
+        scores = torch.matmul(qg, k.transpose(-1, -2).to(q.dtype))  # (D, n_kv, G, S)
+        scores = scores.float() * hd ** -0.5
+        if self.dec_mask is not None:
+            scores.masked_fill_(~self.dec_mask, float("-inf"))  # (D, 1, 1, S) broadcasts
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v.to(q.dtype))  # (D, n_kv, G, hd)
+        return out.permute(1, 2, 0, 3).reshape(1, heads, batch, hd)
+
