@@ -94,13 +94,14 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         """Follow device moves but never dtype casts: `model.to(torch.bfloat16)` (what the
         engine does) must not round fp16 scales or fp32 absmax to bf16."""
-        self._kernels = {}
         before = {name: buf for name, buf in self._buffers.items() if buf is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        if any(self._buffers[name] is not old for name, old in before.items()):
+            self._kernels = {}  # moved: rebuild; a no-op `.to()` keeps the built kernels
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

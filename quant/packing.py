@@ -48,6 +48,10 @@ def pack_stream(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.to(torch.int64)
     if int(c.min()) < 0 or int(c.max()) >= 1 << bits:
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
+    if 32 % bits == 0:  # whole values per word: shift and add (fast)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int64)[None, :, None]
+        words = (c.reshape(length * bits // 32, 32 // bits, width) << shifts).sum(1)
+        return _to_int32(words)
     shifts = torch.arange(bits, dtype=torch.int64)
     stream = (c[:, None, :] >> shifts[None, :, None]) & 1  # (L, bits, M): bit b of value l
     stream = stream.reshape(length * bits // 32, 32, width)  # (words, 32, M)
@@ -60,6 +64,12 @@ def unpack_stream(words: torch.Tensor, bits: int, length: int | None = None) -> 
     _check_bits(bits)
     n_words, width = words.shape
     w = words.to(torch.int64) & 0xFFFFFFFF
+    if 32 % bits == 0:  # whole values per word: shift and mask, no bit expansion (fast)
+        per_word = 32 // bits
+        shifts = torch.arange(0, 32, bits, dtype=torch.int64)[None, :, None]
+        codes = ((w[:, None, :] >> shifts) & ((1 << bits) - 1)).reshape(n_words * per_word,
+                                                                         width)
+        return codes[:length].to(torch.int32)
     stream = (w[:, None, :] >> torch.arange(32, dtype=torch.int64)[None, :, None]) & 1
     stream = stream.reshape(n_words * 32 // bits, bits, width)  # (L, bits, M)
     codes = (stream << torch.arange(bits, dtype=torch.int64)[None, :, None]).sum(1)
