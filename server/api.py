@@ -194,10 +194,12 @@ class Fanout:
         self.gens = [engine.generate(s.prompt_ids, s.params, request_id=s.request_id)
                      for s in subs]
         self.finished = [False] * len(subs)
+        self.generated = [0] * len(subs)
         self.first: list[RequestOutput] = []
         self.tasks: list[asyncio.Task] = []
 
     def note(self, i: int, out: RequestOutput) -> None:
+        self.generated[i] = out.num_generated_tokens
         self.timers[i].output(len(out.token_ids))
         if out.finished:
             self.finished[i] = True
@@ -210,7 +212,12 @@ class Fanout:
             else:
                 self.tasks = [asyncio.ensure_future(anext(g)) for g in self.gens]
                 self.first = await asyncio.gather(*self.tasks)
-        except BaseException:
+        except Exception:  # refused (queue full, too long, ...): not an abort in the metrics
+            for timer in self.timers:
+                timer.discard()
+            self.close()
+            raise
+        except BaseException:  # cancelled: the client went away while the request waited
             self.close()
             raise
         self.tasks = []
@@ -255,7 +262,7 @@ class Fanout:
         for i, sub in enumerate(self.subs):
             if not self.finished[i]:
                 self.finished[i] = True
-                self.timers[i].finish("abort", 0)
+                self.timers[i].finish("abort", self.generated[i])
                 try:
                     self.engine.abort(sub.request_id)
                 except Exception:  # noqa: BLE001 - abort must never mask the real error

@@ -71,22 +71,26 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
     def track(self, arrival: float, num_prompt_tokens: int) -> RequestTimer:
-        self.prompt_tokens.inc(num_prompt_tokens)
-        return RequestTimer(self, arrival)
+        return RequestTimer(self, arrival, num_prompt_tokens)
 
 
 class RequestTimer:
-    """The timings of one engine request: call `output()` per engine output, `finish()` once."""
+    """The timings of one engine request: call `output()` per engine output, `finish()` once
+    (or `discard()` for a request the engine refused, which then counts nowhere)."""
 
-    __slots__ = ("metrics", "arrival", "last", "done")
+    __slots__ = ("metrics", "arrival", "last", "done", "num_prompt_tokens")
 
-    def __init__(self, metrics: ServerMetrics, arrival: float):
+    def __init__(self, metrics: ServerMetrics, arrival: float, num_prompt_tokens: int):
         self.metrics = metrics
         self.arrival = arrival
+        self.num_prompt_tokens = num_prompt_tokens  # counted once the engine has taken them
         self.last: float | None = None
         self.done = False
 
     def output(self, num_new_tokens: int) -> None:
+        if self.num_prompt_tokens:
+            self.metrics.prompt_tokens.inc(self.num_prompt_tokens)
+            self.num_prompt_tokens = 0
         if not num_new_tokens:
             return
         now = time.perf_counter()
@@ -97,6 +101,9 @@ class RequestTimer:
             for _ in range(num_new_tokens):
                 self.metrics.itl.observe(gap)
         self.last = now
+
+    def discard(self) -> None:
+        self.done = True
 
     def finish(self, reason: str | None, num_generated_tokens: int) -> None:
         if self.done:
