@@ -113,6 +113,8 @@ def main() -> None:
     p.add_argument("--ref_requests", type=int, default=3,
                    help="requests the reference loop runs (its speed does not depend on c)")
     p.add_argument("--max_num_batched_tokens", type=int, default=512)
+    p.add_argument("--max_model_len", type=int, default=None,
+                   help="the engine's context (KV cache length); default prompt + new tokens")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
@@ -123,7 +125,8 @@ def main() -> None:
     tokenizer = byte_tokenizer()
     vocab = model.config.vocab_size
     top = max(args.concurrency)
-    config = EngineConfig(max_num_seqs=top, max_model_len=args.prompt_len + args.new_tokens,
+    max_model_len = args.max_model_len or args.prompt_len + args.new_tokens
+    config = EngineConfig(max_num_seqs=top, max_model_len=max_model_len,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           dtype=args.dtype)
     engine = LLMEngine(model, tokenizer, config)

@@ -55,6 +55,8 @@ class RequestOutput:
 class EngineConfig:
     max_num_seqs: int = 64  # running sequences at most (= KV cache slots)
     max_model_len: int | None = None  # default: the model's max_seq_len
+    kv_cache_gib: float | None = None  # memory budget for the KV cache; slots = what fits,
+    #                                    at most max_num_seqs (default: max_num_seqs slots)
     max_num_batched_tokens: int = 512  # per-step token budget (decodes + prefill chunks)
     enable_chunked_prefill: bool = True
     max_queue_len: int = 256  # waiting requests beyond this are refused (QueueFullError)
@@ -124,6 +126,8 @@ class LLMEngine:
         if config.max_num_batched_tokens < 1:
             problems.append(f"max_num_batched_tokens must be >= 1, "
                             f"got {config.max_num_batched_tokens}")
+        if config.kv_cache_gib is not None and config.kv_cache_gib <= 0:
+            problems.append(f"kv_cache_gib must be > 0, got {config.kv_cache_gib}")
         if config.max_queue_len < 0:
             problems.append(f"max_queue_len must be >= 0, got {config.max_queue_len}")
         if problems:
@@ -133,10 +137,19 @@ class LLMEngine:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if hasattr(self.model, "reset_buffers"):
             self.model.reset_buffers(self.device)  # the RoPE table stays fp32
-        self.pool = KVCachePool(model.config, config.max_num_seqs, self.max_model_len,
-                                self.dtype, self.device)
+        num_slots = config.max_num_seqs
+        if config.kv_cache_gib is not None:
+            per_slot = KVCachePool.bytes_per_token(model.config, self.dtype) * self.max_model_len
+            fits = int(config.kv_cache_gib * 2**30 // per_slot)
+            if fits < 1:
+                raise ValueError(f"kv_cache_gib={config.kv_cache_gib} holds no sequence of "
+                                 f"max_model_len={self.max_model_len} tokens "
+                                 f"({per_slot / 2**20:.1f} MiB each)")
+            num_slots = min(num_slots, fits)
+        self.pool = KVCachePool(model.config, num_slots, self.max_model_len, self.dtype,
+                                self.device)
         logger.info("%s", self.pool.describe())
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
+        self.scheduler = Scheduler(num_slots, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         self.num_steps = 0
         self.vocab_size = model.config.vocab_size

@@ -260,3 +260,14 @@ def test_generate_cli_matches_the_reference_cli(checkpoint_dir, capsys):
     assert err.startswith("fanformer-generate: error:") and "context" in err
     assert main(["--checkpoint", str(checkpoint_dir / "missing"), "--prompt", "x"]) == 1
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_kv_cache_is_sized_from_a_memory_budget(tokenizer):
+    from server.kv_cache import KVCachePool
+
+    model = make_model()
+    per_slot = KVCachePool.bytes_per_token(model.config, torch.float32) * 64
+    engine = make_engine(model, tokenizer, max_model_len=64, kv_cache_gib=3.5 * per_slot / 2**30)
+    assert engine.stats().num_slots == 3 and engine.pool.nbytes == 3 * per_slot
+    with pytest.raises(ValueError, match="holds no sequence"):
+        make_engine(model, tokenizer, max_model_len=64, kv_cache_gib=0.5 * per_slot / 2**30)
