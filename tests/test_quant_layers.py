@@ -174,3 +174,50 @@ def test_casting_the_model_keeps_quantized_tensors_exact():
         after = layer.state_dict()
         assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype
                    for k in before), name
+
+
+def _gptq_reader(t, bits):
+    """A GPTQ v1 reader written from the published layout (AutoGPTQ's torch fallback:
+    a per-word shift table, a mask, zeros + 1), independent of quant.packing."""
+    wf = torch.arange(0, 32, bits, dtype=torch.int32)
+    mask = (1 << bits) - 1
+    zeros = ((t["qzeros"][:, :, None] >> wf[None, None, :]) & mask) + 1
+    zeros = zeros.reshape(t["qzeros"].shape[0], -1)
+    codes = ((t["qweight"][:, None, :] >> wf[None, :, None]) & mask)
+    codes = codes.reshape(-1, t["qweight"].shape[1])
+    g = t["g_idx"].long()
+    n = t["scales"].shape[1]
+    return (t["scales"].float()[g] * (codes - zeros[g][:, :n]).float()).T  # (N, K)
+
+
+def _awq_reader(t, group_size):
+    """An AutoAWQ GEMM reader from the published layout (unpack nibbles, then undo the
+    interleave with the reverse order [0, 4, 1, 5, 2, 6, 3, 7])."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    reverse = [0, 4, 1, 5, 2, 6, 3, 7]
+
+    def unpack(words):
+        nibbles = (words[:, :, None] >> shifts) & 0xF  # (R, W, 8)
+        return nibbles[:, :, reverse].reshape(words.shape[0], -1)
+
+    codes, zeros = unpack(t["qweight"]), unpack(t["qzeros"])
+    n = t["scales"].shape[1]
+    g = torch.arange(codes.shape[0]) // group_size
+    return (t["scales"].float()[g] * (codes[:, :n] - zeros[g][:, :n]).float()).T
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_an_independent_gptq_reader_sees_our_weights(bits):
+    w = _weight(40, 256)
+    q = rtn_quantize(w, bits, 64, sym=False)
+    layer = gptq_layer(q, None, bits, 64)
+    tensors = {k: getattr(layer, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
+    assert torch.equal(_gptq_reader(tensors, bits), layer.dequantize())
+    assert torch.equal(layer.dequantize(), q.dequantize())  # scales were chosen in fp16
+
+
+def test_an_independent_awq_reader_sees_our_weights():
+    q = rtn_quantize(_weight(40, 256), 4, 64, sym=False)
+    layer = awq_layer(q, None, 64)
+    tensors = {k: getattr(layer, k) for k in ("qweight", "qzeros", "scales")}
+    assert torch.equal(_awq_reader(tensors, 64), layer.dequantize())
