@@ -132,10 +132,14 @@ async def http_level(url: str, process: psutil.Process, args, ids: list[int], c:
         "--url", url + "/v1", "--concurrency", str(c), "--num_requests", str(requests_at(c)),
         "--max_tokens", str(args.max_tokens), "--ignore_eos", "--prompt_ids",
         ",".join(map(str, ids)), "--warmup", "1", "--model", "bench"])
+    me = psutil.Process()
     loop0, all0 = cpu_seconds(process)
+    client0 = sum(me.cpu_times()[:2])
     report = await loadgen.run(la)
     loop1, all1 = cpu_seconds(process)
+    client1 = sum(me.cpu_times()[:2])
     tokens = max(report["output_tokens"], 1)
+    report["client_cpu_us_per_token"] = round((client1 - client0) / tokens * 1e6, 1)
     report["server_loop_cpu_us_per_token"] = round((loop1 - loop0) / tokens * 1e6, 1)
     report["server_cpu_us_per_token"] = round((all1 - all0) / tokens * 1e6, 1)
     report["loop_cpu_share"] = round((loop1 - loop0) / max(all1 - all0, 1e-9), 3)
@@ -218,13 +222,15 @@ def main() -> None:
                             f"{e['loop_cpu_us_per_token']} / "
                             f"{h['server_loop_cpu_us_per_token']} | "
                             f"{h['server_cpu_us_per_token']} "
-                            f"({100 * h['loop_cpu_share']:.1f}%) | {h['errors']} |")
+                            f"({100 * h['loop_cpu_share']:.1f}%) | "
+                            f"{h['client_cpu_us_per_token']} | {h['errors']} |")
                 print(rows[-1], flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print("\n| model | clients | engine tok/s | HTTP tok/s | HTTP / engine | engine TTFT p50 / "
           "p99 ms | HTTP TTFT p50 / p99 ms | HTTP ITL p50 / p99 ms | event-loop CPU µs/token, "
-          "engine alone / server | server CPU µs/token (event-loop share) | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "engine alone / server | server CPU µs/token (event-loop share) | load generator "
+          "CPU µs/token | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
