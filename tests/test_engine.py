@@ -271,3 +271,25 @@ def test_kv_cache_is_sized_from_a_memory_budget(tokenizer):
     assert engine.stats().num_slots == 3 and engine.pool.nbytes == 3 * per_slot
     with pytest.raises(ValueError, match="holds no sequence"):
         make_engine(model, tokenizer, max_model_len=64, kv_cache_gib=0.5 * per_slot / 2**30)
+
+
+def test_a_failing_forward_kills_the_engine_and_finishes_pending_requests(tokenizer):
+    from server.engine import EngineDeadError
+
+    async def main():
+        llm = make_engine(make_model(), tokenizer)
+        engine = AsyncEngine(llm)
+        await engine.start()
+
+        def broken(plan):
+            raise RuntimeError("out of memory")
+
+        llm._forward = broken
+        outs = [out async for out in engine.generate([1, 2, 3], SamplingParams(max_tokens=4))]
+        assert outs[-1].finish_reason == "error" and "out of memory" in outs[-1].error
+        assert engine.is_dead
+        with pytest.raises(EngineDeadError):
+            await engine.generate([1], SamplingParams()).__anext__()
+        await engine.shutdown()
+
+    asyncio.run(main())
