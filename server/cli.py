@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most sequences in the running batch (= KV cache slots)")
     p.add_argument("--max_model_len", type=int, default=engine.max_model_len,
                    help="longest prompt + completion in tokens (default: the model's context)")
+    p.add_argument("--kv_cache_gib", type=float, default=engine.kv_cache_gib,
+                   help="memory budget for the KV cache in GiB: slots = what fits, at most "
+                        "--max_num_seqs (default: --max_num_seqs slots)")
     p.add_argument("--max_num_batched_tokens", type=int, default=engine.max_num_batched_tokens,
                    help="tokens per engine step (decodes + prefill chunks)")
     p.add_argument("--max_queue_len", type=int, default=engine.max_queue_len,
@@ -114,10 +117,13 @@ def serve(args: argparse.Namespace) -> None:
     for flag in ("max_num_seqs", "max_num_batched_tokens", "max_queue_len"):
         if getattr(args, flag) < 1:
             raise CLIError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.kv_cache_gib is not None and args.kv_cache_gib <= 0:
+        raise CLIError(f"--kv_cache_gib must be > 0, got {args.kv_cache_gib}")
     if args.shutdown_timeout < 0:
         raise CLIError(f"--shutdown_timeout must be >= 0, got {args.shutdown_timeout}")
     model, tokenizer, name = load(args.checkpoint, args.device, args.dtype)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                          kv_cache_gib=args.kv_cache_gib,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           max_queue_len=args.max_queue_len, device=args.device,
                           dtype=args.dtype)
