@@ -79,7 +79,7 @@ class SamplingFields(OpenAIModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)  # int64, as OpenAI defines it
     user: str | None = None
     # vLLM-compatible extras (the openai client sends them via extra_body)
     top_k: int | None = Field(None, ge=-1)

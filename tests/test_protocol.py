@@ -63,6 +63,7 @@ def test_four_prompt_shapes(prompt, expected):
     {"prompt": "a", "temperature": -0.1},
     {"prompt": "a", "logit_bias": {"x": 1}},
     {"prompt": "a", "logit_bias": {"1": 101}},
+    {"prompt": "a", "seed": 2**64},
 ])
 def test_invalid_completion_requests(body):
     with pytest.raises(ValidationError):
