@@ -20,6 +20,17 @@ from server.engine import (
 from server.sampling import SamplingParams
 from tests.conftest import make_model
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP threads that wait
+    for each other make every small matmul cost a millisecond."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 PROMPTS = [[5], [17, 42, 9], list(range(3, 40)), [(7 * i) % 500 + 1 for i in range(70)]]
 
 
