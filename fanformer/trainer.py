@@ -125,12 +125,15 @@ def plot_metrics(run_dir: Path) -> Path:
     # after a resume a step can be logged twice; the later line wins
     train = sorted({r["tokens"]: r["loss"] for r in rows if "loss" in r}.items())
     evals = sorted({r["tokens"]: r["eval_cross_entropy"] for r in rows
-                    if "eval_cross_entropy" in r}.items())
+                    if "eval_cross_entropy" in r and not r.get("final")}.items())
+    finals = sorted({r["tokens"]: r["eval_cross_entropy"] for r in rows if r.get("final")}.items())
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval cross-entropy")
+        ax.plot(*zip(*evals), "o-", label="eval cross-entropy (first --eval_tokens)")
+    if finals:
+        ax.plot(*zip(*finals), "*", markersize=12, label="final eval (all eval tokens)")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("nats / token")
     ax.set_title(run_dir.name)
