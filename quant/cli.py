@@ -128,7 +128,7 @@ def quantize(args) -> dict:
                          "quantize the original checkpoint")
     if output.resolve() == source.resolve():
         raise QuantError("--output must be a different directory from --checkpoint")
-    model, tokenizer = load_checkpoint(source)
+    model, tokenizer = load_checkpoint(source, dtype=torch.float32)  # the math runs in fp32
     _check_shapes(model, qc)
     ids = None
     if method in ("gptq", "awq"):

@@ -123,11 +123,8 @@ def float_tensors_to(state: dict[str, torch.Tensor], quantized: set[str],
                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Cast floating tensors of non-quantized modules to `dtype`; quantized modules' own
     tensors (fp16 scales, fp32 absmax) keep the dtype their format fixes."""
-    def owned(key: str) -> bool:
-        return key.rpartition(".")[0] in quantized or key.split(".weight.")[0] in quantized
-
-    return {k: v.to(dtype) if v.is_floating_point() and not owned(k) else v
-            for k, v in state.items()}
+    return {k: v.to(dtype) if v.is_floating_point() and k.rpartition(".")[0] not in quantized
+            else v for k, v in state.items()}
 
 
 def cast_float_tensors(model: nn.Module, dtype: torch.dtype) -> None:

@@ -46,6 +46,18 @@ def test_every_method_end_to_end(tmp_path, checkpoint_dir, calib_file, capsys, m
         assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 512)
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_bf16_checkpoint_is_calibrated_in_fp32(tmp_path, tokenizer, calib_file, method):
+    """The demo checkpoint is stored in bf16; calibration must not mix dtypes."""
+    from fanformer.checkpoint import save_checkpoint
+    from tests.conftest import make_model
+
+    source = save_checkpoint(tmp_path / "bf16", make_model(), tokenizer, dtype=torch.bfloat16)
+    assert main(["--method", method, "--checkpoint", str(source), "--output",
+                 str(tmp_path / "out"), "--calib_data", str(calib_file), "--group_size", "32",
+                 *FAST]) == 0
+
+
 def _fails(capsys, argv, message):
     code = main(argv)
     err = capsys.readouterr().err.strip()
