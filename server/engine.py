@@ -294,7 +294,7 @@ class LLMEngine:
                                       torch.tensor([token], device=logprobs.device),
                                       params.logprobs)
             token_logprobs = [TokenLogprob(token, lp, top)]
-        is_stop_id = token in state.stop_ids and len(seq.output_ids) > params.min_tokens - 1
+        is_stop_id = token in state.stop_ids  # masked by the sampler before min_tokens
         hide = is_stop_id and not params.include_stop_str_in_output
         text = state.detok.add_token(token, visible=not hide)
         reason = None
