@@ -163,7 +163,8 @@ async def bench_model(checkpoint: Path, args, ids: list[int]) -> tuple[dict, dic
         [sys.executable, "-m", "server.cli", "--checkpoint", str(checkpoint), "--port",
          str(port), "--device", args.device, "--dtype", args.dtype, "--max_num_seqs",
          str(max(args.concurrency)), "--log_level", "warning", "--served_model_name", "bench"],
-        cwd=ROOT)
+        cwd=ROOT, env={**os.environ, **({"OMP_NUM_THREADS": str(args.threads)}
+                                         if args.threads else {})})
     url = f"http://127.0.0.1:{port}"
     await engine.start()
     try:
@@ -208,10 +209,15 @@ def main() -> None:
     p.add_argument("--prompt_tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=1,
                    help="engine/HTTP alternations per level; the median-ratio round is shown")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the engine, in both the bench and the server "
+                        "(default: torch's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", default="bench_http.json")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows, report = [], {"args": vars(args), "cpus": os.cpu_count(), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
