@@ -136,7 +136,7 @@ def run_speed(args) -> dict:
 
 
 def print_speed(results: dict) -> None:
-    variants = list(next(iter(results.values())))
+    variants = list(dict.fromkeys(v for row in results.values() for v in row))
     print("\n| model @ concurrent requests | " + " | ".join(variants) + " |")
     print("|---" * (len(variants) + 1) + "|")
     for key, row in results.items():
