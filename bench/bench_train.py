@@ -1,6 +1,7 @@
 """Training throughput (tokens/s) of presets, measured side by side in one run.
 
     python bench/bench_train.py --presets tiny fanformer-92m --precisions fp32 bf16
+    python bench/bench_train.py --presets tiny "transformer-tiny:n_layers=4,d_ff=384"
 
 Times full optimizer steps (forward, cross-entropy, backward, clip, AdamW) on random
 tokens, after warm-up steps; reports the median over timed steps. Random tokens cost the
@@ -23,9 +24,22 @@ from fanformer.train import TrainArgs
 from fanformer.trainer import make_optimizer
 
 
-def bench(preset: str, precision: str, device: str, batch: int, seq_len: int, steps: int,
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """"preset" or "preset:key=value,key=value" (model overrides, numbers parsed)."""
+    preset, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        overrides[key] = float(value) if "." in value else int(value)
+    return preset, overrides
+
+
+def bench(spec: str, precision: str, device: str, batch: int, seq_len: int, steps: int,
           warmup: int, vocab_size: int | None) -> dict:
-    config = ModelConfig.from_preset(preset, **({"vocab_size": vocab_size} if vocab_size else {}))
+    preset, overrides = parse_spec(spec)
+    if vocab_size:
+        overrides["vocab_size"] = vocab_size
+    config = ModelConfig.from_preset(preset, **overrides)
     torch.manual_seed(0)
     model = FANformer(config).to(device).train()
     optimizer = make_optimizer(model, TrainArgs())
@@ -48,14 +62,15 @@ def bench(preset: str, precision: str, device: str, batch: int, seq_len: int, st
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     median = statistics.median(times)
-    return {"preset": preset, "parameters": model.num_parameters(), "precision": precision,
+    return {"model": spec, "parameters": model.num_parameters(), "precision": precision,
             "device": device, "batch": batch, "seq_len": seq_len, "steps": steps,
             "median_step_s": round(median, 4), "tokens_per_s": round(batch * seq_len / median)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="+", default=["tiny", "fanformer-92m"])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "fanformer-92m"],
+                        help='presets, optionally with overrides: "transformer-tiny:n_layers=4"')
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch_size", type=int, default=8)

@@ -84,6 +84,10 @@ def gather_objects(world: World, obj: object) -> list:
     return out
 
 
-def shutdown(world: World) -> None:
+def shutdown(world: World, clean: bool) -> None:
+    """Leave the process group; after a clean finish, wait for every rank first (an error
+    exit does not wait: the other ranks may never arrive)."""
     if world.distributed and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

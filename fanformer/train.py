@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -132,10 +133,19 @@ def run(args: TrainArgs, overrides: dict[str, Any] | None = None) -> dict[str, A
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
+    trainer = None
     try:
-        return Trainer(args, overrides or {}, world, device).train()
-    finally:
-        dd.shutdown(world)
+        trainer = Trainer(args, overrides or {}, world, device)
+        summary = trainer.train()
+    except BaseException:
+        dd.shutdown(world, clean=False)
+        raise
+    # Free DDP (and the gloo work it holds) before the process group goes: destroying them
+    # in the other order could abort the process at exit ("terminate called ...").
+    del trainer
+    gc.collect()
+    dd.shutdown(world, clean=True)
+    return summary
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainArgs, dict[str, Any]]:
