@@ -88,7 +88,7 @@ class TrainArgs:
         "help": "only draw <RUN_DIR>/loss.png from its metrics.jsonl, then exit"})
 
 
-ALIASES = {"epochs": ["--epochs_text"], "fan_p": ["--p"]}
+ALIASES = {"epochs": ["--epochs_text"], "fan_p": ["--p"], "out_dir": ["--output_dir"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [f"--{f.name}", *ALIASES.get(f.name, [])]
         if f.name == "data":
             parser.add_argument("data", nargs="*", help=f.metadata["help"])
+            parser.add_argument("--data", dest="data_flag", nargs="+", default=[],
+                                metavar="PATH", help="the same inputs, as a flag")
         elif f.type == "bool":
             parser.add_argument(*flags, action="store_true", help=f.metadata["help"])
         else:
@@ -153,7 +155,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainArgs, dict[str, Any]
     ns = build_parser().parse_args(argv)
     overrides = {k[6:]: v for k, v in vars(ns).items() if k.startswith("model_") and v is not None}
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)}
-    return TrainArgs(**{**values, "data": tuple(values["data"])}), overrides
+    data = tuple(values["data"]) + tuple(ns.data_flag)
+    return TrainArgs(**{**values, "data": data}), overrides
 
 
 def resolve_device(args: TrainArgs) -> torch.device:

@@ -143,6 +143,13 @@ def test_original_flags_are_aliases():
     assert args.epochs == 2.0 and args.batch_size == 3 and overrides == {"fan_p": 0.2}
 
 
+def test_command_line_contract_flags():
+    """`--data PATH... --output_dir DIR` (the project's contract) == positional + --out_dir."""
+    flags, _ = parse_args(["--preset", "test", "--data", "a.txt", "b", "--output_dir", "r"])
+    positional, _ = parse_args(["a.txt", "b", "--preset", "test", "--out_dir", "r"])
+    assert flags == positional and flags.data == ("a.txt", "b")
+
+
 def test_no_weight_decay_on_norms_gates_biases_embeddings():
     model = make_model()
     args, _ = parse_args(["a.txt"])
