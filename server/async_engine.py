@@ -96,6 +96,9 @@ class AsyncEngine:
         try:
             while True:
                 out = await queue.get()
+                if isinstance(out, Exception):  # refused when the worker added it
+                    finished = True
+                    raise out
                 finished = out.finished
                 yield out
                 if finished:
@@ -145,7 +148,11 @@ class AsyncEngine:
                 outputs, errors = await loop.run_in_executor(self._executor,
                                                              self._apply_ops_and_step)
                 for request_id, error in errors:
-                    self._deliver_final(request_id, "error", f"{type(error).__name__}: {error}")
+                    # e.g. the queue filled between generate()'s check and this add: the
+                    # caller gets the same exception it would have got from that check
+                    queue = self._queues.pop(request_id, None)
+                    if queue is not None:
+                        queue.put_nowait(error)
                 for out in outputs:
                     queue = self._queues.get(out.request_id)
                     if queue is not None:

@@ -304,3 +304,27 @@ def test_a_failing_forward_kills_the_engine_and_finishes_pending_requests(tokeni
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_queue_that_fills_after_the_check_still_refuses_with_queue_full(tokenizer):
+    """The race between generate()'s queue check and the worker's add gives 429, not 500."""
+    from server.engine import QueueFullError
+
+    async def main():
+        llm = make_engine(make_model(), tokenizer)
+        engine = AsyncEngine(llm)
+        await engine.start()
+        real_add = llm.add_request
+
+        def full(request_id, prompt_ids, params):
+            raise QueueFullError("256 requests are already waiting; retry later")
+
+        llm.add_request = full
+        with pytest.raises(QueueFullError):
+            await engine.generate([1, 2, 3], SamplingParams(max_tokens=4)).__anext__()
+        llm.add_request = real_add  # the engine goes on serving
+        outs = [out async for out in engine.generate([1, 2, 3], SamplingParams(max_tokens=4))]
+        assert outs[-1].finished and outs[-1].finish_reason == "length"
+        await engine.shutdown()
+
+    asyncio.run(main())
