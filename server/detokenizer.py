@@ -13,6 +13,9 @@ from __future__ import annotations
 from fanformer.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"
+# A UTF-8 character is at most 4 bytes and every token carries at least one, so text still
+# ending in U+FFFD after this many held tokens is invalid bytes, not a half character.
+MAX_HELD_TOKENS = 4
 
 
 class IncrementalDetokenizer:
@@ -46,7 +49,9 @@ class IncrementalDetokenizer:
             self.ids.append(token_id)
             window = self._decode(self.ids[self.prefix_offset:])
             before = self._decode(self.ids[self.prefix_offset:self.read_offset])
-            if len(window) > len(before) and not window.endswith(REPLACEMENT):
+            complete = not window.endswith(REPLACEMENT)
+            if len(window) > len(before) and (
+                    complete or len(self.ids) - self.read_offset >= MAX_HELD_TOKENS):
                 self.text += window[len(before):]
                 self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return self._release(final=False)

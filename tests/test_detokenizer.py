@@ -38,6 +38,19 @@ def test_a_trailing_half_character_is_dropped_at_the_end(tokenizer):
     assert "".join(pieces) == "ab"
 
 
+def test_invalid_bytes_do_not_stall_the_stream(tokenizer):
+    """A run of lone continuation bytes can never become a character: it is emitted (as
+    U+FFFD) after MAX_HELD_TOKENS tokens instead of holding the stream back forever."""
+    from server.detokenizer import MAX_HELD_TOKENS
+
+    lone = tokenizer.encode("🙂")[-1]  # an emoji's last byte alone is invalid UTF-8
+    assert tokenizer.decode([lone]) == "\ufffd"
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.add_token(lone) for _ in range(2 * MAX_HELD_TOKENS)]
+    assert "".join(pieces).startswith("\ufffd") and pieces[MAX_HELD_TOKENS - 1] != ""
+    assert detok.add_token(tokenizer.encode("ok")[0]) != ""  # valid text flows again
+
+
 @pytest.mark.parametrize("stop", ["stop here", "p he", "s", "ow", "here now!"])
 def test_stop_strings_across_tokens_never_leak(tokenizer, stop):
     text = "Alice said: stop here now"
