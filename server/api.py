@@ -93,10 +93,6 @@ class APIError(Exception):
         return JSONResponse(self.body, status_code=self.status, headers=self.headers)
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class _ClientGone(Exception):
     pass
 
@@ -139,19 +135,31 @@ class _Guard:
                 and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
             return await APIError(401, "Incorrect API key provided.", param=None,
                                   code="invalid_api_key").response()(scope, receive, send)
-        length = headers.get(b"content-length", b"0")
-        if length.isdigit() and int(length) > self.max_bytes:
-            return await self._too_large()(scope, receive, send)
-        seen = 0
-
-        async def counting_receive():
-            nonlocal seen
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit():  # the server holds the body to it
+            if int(length) > self.max_bytes:
+                return await self._too_large()(scope, receive, send)
+            return await self.app(scope, receive, send)
+        # No (valid) length, e.g. a chunked body: read it here, up to the limit, then replay
+        # it. Raising from inside the app's receive would surface as FastAPI's generic 400.
+        chunks, seen, message = [], 0, {"more_body": True}
+        while message.get("more_body", False):
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":
+                return  # the client left before sending its body: nobody to answer
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
             if seen > self.max_bytes:
-                raise _BodyTooLarge
-            return message
-        await self.app(scope, counting_receive, send)
+                return await self._too_large()(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+        await self.app(scope, replay, send)
 
     def _too_large(self) -> JSONResponse:
         return APIError(413, f"the request body exceeds {self.max_bytes} bytes",
@@ -235,11 +243,6 @@ def build_app(async_engine, settings: ServerSettings | None = None) -> FastAPI:
         return JSONResponse(error_body(message, code=code), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(_BodyTooLarge)
-    async def _too_large(request, exc):
-        return APIError(413, f"the request body exceeds {settings.max_request_bytes} bytes",
-                        code="request_too_large").response()
-
     @app.exception_handler(Exception)
     async def _unexpected(request, exc: Exception):
         logger.error("unhandled error on %s", request.url.path, exc_info=exc)
@@ -252,9 +255,19 @@ def build_app(async_engine, settings: ServerSettings | None = None) -> FastAPI:
             raise APIError(404, f"The model `{name}` does not exist.", param="model",
                            code="model_not_found")
 
+    def encode_text(text: str, param: str) -> list[int]:
+        """The tokenizer refuses strings that are not valid Unicode (JSON allows lone
+        surrogates such as "\\ud800"): a 400, not the tokenizer's TypeError as a 500."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"{param} is not valid UTF-8 (it holds a lone surrogate)",
+                           param=param) from None
+        return tokenizer.encode(text)
+
     def encode_prompt(prompt) -> list[int]:
         if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt)
+            ids = encode_text(prompt, "prompt")
             if not ids:
                 raise APIError(400, "prompt must not be empty", param="prompt")
             return ids
@@ -351,7 +364,7 @@ def build_app(async_engine, settings: ServerSettings | None = None) -> FastAPI:
         arrival = time.perf_counter()
         check_model(body.model)
         text = tokenizer.apply_chat_template(body.message_dicts(), body.add_generation_prompt)
-        prompt_ids = tokenizer.encode(text)
+        prompt_ids = encode_text(text, "messages")
         room = max_model_len - len(prompt_ids)
         if room <= 0:
             raise APIError(400, f"This model's maximum context length is {max_model_len} "
@@ -404,7 +417,7 @@ def build_app(async_engine, settings: ServerSettings | None = None) -> FastAPI:
                 body.add_generation_prompt)
         else:
             text = body.prompt
-        ids = tokenizer.encode(text)
+        ids = encode_text(text, "messages" if body.messages is not None else "prompt")
         return TokenizeResponse(count=len(ids), max_model_len=max_model_len, tokens=ids)
 
     @app.post("/detokenize")
