@@ -187,10 +187,8 @@ def test_schema_lists_the_fields(fields):
         "/v1/chat/completions"]
 
 
-@settings(max_examples=150, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data=st.data())
-def test_fuzz_schema_fields_never_5xx(http, fields, data):
+def fuzz_once(http: httpx.Client, fields: dict[str, list[str]], data) -> None:
+    """Post one random body built from a route's schema fields: never a 5xx."""
     route = data.draw(st.sampled_from(ROUTES))
     keys = data.draw(st.lists(st.sampled_from(fields[route]), unique=True, max_size=8))
     body = {k: data.draw(JSON) for k in keys}
@@ -207,6 +205,24 @@ def test_fuzz_schema_fields_never_5xx(http, fields, data):
     assert r.status_code < 500, (body, r.text[:300])
     if r.status_code >= 400:
         assert_openai_error(r, r.status_code)
+
+
+FUZZ = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture,
+                                                    HealthCheck.too_slow]}
+
+
+@settings(max_examples=150, derandomize=True, **FUZZ)
+@given(data=st.data())
+def test_fuzz_schema_fields_never_5xx(http, fields, data):
+    fuzz_once(http, fields, data)
+
+
+@pytest.mark.slow
+@settings(max_examples=5000, **FUZZ)
+@given(data=st.data())
+def test_fuzz_schema_fields_never_5xx_long(http, fields, data):
+    """The long run (random seed each time): `pytest -m slow tests/test_hostile_input.py`."""
+    fuzz_once(http, fields, data)
 
 
 def test_still_healthy_afterwards(http, srv):
