@@ -87,7 +87,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below 1e-5 (as vLLM) are greedy: dividing logits by 1e-80 overflows
+        to inf and the draw would fail on NaN probabilities."""
+        return self.temperature < 1e-5
 
     @property
     def needs_history(self) -> bool:

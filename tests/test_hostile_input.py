@@ -82,6 +82,17 @@ def test_lax_coercions_are_accepted(http, key, value):
     assert r.status_code == 200, r.text[:300]
 
 
+@pytest.mark.parametrize("temperature", [1e-80, 5e-324, 1e-6])
+def test_tiny_temperature_is_greedy_not_a_500(http, temperature):
+    """Found by the long fuzz run: logits / 1e-80 overflowed to inf, then NaN probabilities."""
+    greedy = http.post("/v1/completions", json={**COMPLETION, "max_tokens": 6,
+                                                "temperature": 0})
+    tiny = http.post("/v1/completions", json={**COMPLETION, "max_tokens": 6,
+                                              "temperature": temperature})
+    assert tiny.status_code == 200, tiny.text[:300]
+    assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
 @pytest.mark.parametrize("prompt", [
     "", [], [""], [[]], 5, None, {"a": 1}, [1, "a"], [True, False], [-1], [2**31], [2**64],
     [1.5], [[1], "a"], ["a"] * 10_000, [[0] * 600],
