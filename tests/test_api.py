@@ -409,6 +409,17 @@ def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
                           text=True, timeout=120, **kwargs)
 
 
+def spawn_server(checkpoint_dir, *args: str, **popen) -> tuple[subprocess.Popen, str]:
+    """`fanformer-serve` on a free loopback port in a subprocess -> (process, base URL)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--checkpoint",
+                             str(checkpoint_dir), "--port", str(port), "--dtype", "float32",
+                             *args], text=True, **popen)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 def test_cli_bad_checkpoint_is_one_line(tmp_path):
     result = run_cli("--checkpoint", str(tmp_path / "missing"))
     assert result.returncode == 1
@@ -416,13 +427,7 @@ def test_cli_bad_checkpoint_is_one_line(tmp_path):
 
 
 def test_cli_serves_and_drains_on_sigterm(checkpoint_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--checkpoint",
-                             str(checkpoint_dir), "--port", str(port), "--dtype", "float32",
-                             "--log_level", "warning"], stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = spawn_server(checkpoint_dir, "--log_level", "warning", stderr=subprocess.PIPE)
     try:
         def healthy():
             assert proc.poll() is None, proc.stderr.read()

@@ -9,9 +9,7 @@ Servers and helpers come from tests/test_api.py (imported, not copied).
 from __future__ import annotations
 
 import inspect
-import socket
 import subprocess
-import sys
 
 import httpx
 import pytest
@@ -19,7 +17,7 @@ import pytest
 import server.api
 from server.api import ServerSettings
 from server.cli import build_parser
-from tests.test_api import KEY, MODEL, Running, make_engine, wait_until
+from tests.test_api import KEY, MODEL, Running, make_engine, spawn_server, wait_until
 
 WRONG = ["", "Bearer", f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", KEY,
          f"bearer {KEY}", f"Basic {KEY}", f"Bearer  {KEY}", "Bearer sk-" + "a" * 5000]
@@ -101,14 +99,8 @@ def test_no_request_field_names_a_file(keyed):
 
 
 def test_api_key_never_in_the_logs(checkpoint_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--checkpoint",
-                             str(checkpoint_dir), "--port", str(port), "--dtype", "float32",
-                             "--api_key", KEY, "--log_level", "debug"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = spawn_server(checkpoint_dir, "--api_key", KEY, "--log_level", "debug",
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         def healthy():
             assert proc.poll() is None, "the server exited"
