@@ -155,14 +155,20 @@ class FANformer(nn.Module):
         Without a cache, attention is causal over the T tokens given (positions default to
         0..T-1). With a cache, `positions` (B, T) say where each token sits in its sequence.
         """
+        logits = self.lm_head(self.hidden_states(input_ids, positions, kv_cache))
+        return logits[..., : self.config.vocab_size]  # (B, T, vocab)
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The final-normed hidden states (B, T, d) that the LM head reads; callers that need
+        logits for a few rows only (the serving engine) apply `lm_head` to those rows."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids)  # (B, T, d)
         for i, block in enumerate(self.blocks):
             x = block(x, positions, self.rope, i, kv_cache)
-        logits = self.lm_head(self.norm(x))  # (B, T, padded_vocab)
-        return logits[..., : self.config.vocab_size]
+        return self.norm(x)
 
     def reset_buffers(self, device: torch.device | str) -> None:
         """Rebuild the RoPE table (not saved in checkpoints) on `device`, e.g. after meta init."""

@@ -247,13 +247,11 @@ class LLMEngine:
                 torch.set_num_threads(threads)
         model = self.model
         input_ids = torch.tensor([ids], device=self.device)  # (1, N)
-        x = model.embed(input_ids)  # (1, N, d)
-        for i, block in enumerate(model.blocks):
-            x = block(x, attention.positions, model.rope, i, attention)
+        hidden = model.hidden_states(input_ids, attention.positions, attention)  # (1, N, d)
         # the LM head only on the rows we sample from (or score): the model's forward would
         # run it over every prefill token
         index = torch.tensor(wanted, dtype=torch.long, device=self.device)
-        h = model.norm(x[0, index])  # (R, d)
+        h = hidden[0, index]  # (R, d)
         logits = model.lm_head(h)[:, : self.vocab_size]  # (R, vocab), the model's dtype
         return logits, rows
 
