@@ -18,8 +18,12 @@ from fanformer.model import ContiguousKVCache, FANformer
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, generator: torch.Generator | None = None) -> int:
-    """Pick one token id from `logits` (vocab,)."""
+                top_p: float = 1.0, generator: torch.Generator | None = None,
+                min_p: float = 0.0) -> int:
+    """Pick one token id from `logits` (vocab,); the serving engine draws through this too.
+
+    `min_p` drops tokens whose probability is below min_p x the top token's (after top-k/p).
+    """
     if temperature == 0:
         return int(torch.argmax(logits))
     logits = logits.float() / temperature
@@ -33,6 +37,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fanformer.generate import sample_next
+
 MAX_LOGPROBS = 20
 MAX_N = 16
 
@@ -155,23 +157,11 @@ def _edit_logits(row: torch.Tensor, state: SamplingState) -> torch.Tensor:
 
 
 def _draw(row: torch.Tensor, state: SamplingState) -> int:
-    """Temperature, top-k, top-p, min-p, then one multinomial draw with the row's generator."""
+    """Temperature, top-k, top-p, min-p, then one draw with the row's generator: the
+    reference loop's `sample_next`, so engine and reference draw alike."""
     p = state.params
-    if p.greedy:
-        return int(torch.argmax(row))
-    row = row / p.temperature
-    if 0 < p.top_k < row.numel():
-        kth = torch.topk(row, p.top_k).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(row, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(-1) - probs >= p.top_p  # the tokens above already reach top_p
-        row = row.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    probs = torch.softmax(row, dim=-1)
-    if p.min_p > 0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs, 1, generator=state.generator))
+    return sample_next(row, 0.0 if p.greedy else p.temperature, p.top_k, p.top_p,
+                       state.generator, p.min_p)
 
 
 def sample_batch(logits: torch.Tensor, states: list[SamplingState]
