@@ -67,21 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16,
-            "float32": torch.float32}[name]
-
-
 def load(checkpoint: str | None, device: str, dtype: str):
     """(model, tokenizer, name) from a plain or quantized checkpoint, or the demo model."""
-    from fanformer.checkpoint import (
-        DEMO_CHECKPOINT,
-        CheckpointError,
-        is_quantized,
-        load_checkpoint,
-    )
+    from fanformer.checkpoint import DEMO_CHECKPOINT, CheckpointError
+    from quant import load_any_checkpoint
+    from server.engine import EngineConfig
 
     if checkpoint is None:
         path, name = DEMO_CHECKPOINT, "fanformer-demo"
@@ -92,15 +82,9 @@ def load(checkpoint: str | None, device: str, dtype: str):
         path = Path(checkpoint)
         name = path.resolve().name
     try:
-        if is_quantized(path):
-            try:
-                from quant import load_any_checkpoint
-            except ImportError as e:
-                raise CLIError(f"{path} is quantized, but this build cannot load quantized "
-                               f"checkpoints ({e})") from None
-            model, tokenizer = load_any_checkpoint(path, device, torch_dtype(dtype))
-        else:
-            model, tokenizer = load_checkpoint(path, device, torch_dtype(dtype))
+        # plain or quantized, as quant_config.json says
+        torch_dtype = EngineConfig(dtype=dtype).torch_dtype()
+        model, tokenizer = load_any_checkpoint(path, device, torch_dtype)
     except CheckpointError as e:
         raise CLIError(str(e)) from None
     except (RuntimeError, AssertionError) as e:  # e.g. CUDA asked for but not available

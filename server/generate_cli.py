@@ -16,7 +16,8 @@ PROG = "fanformer-generate"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fanformer.checkpoint import DEMO_CHECKPOINT, CheckpointError, load_checkpoint
+    from fanformer.checkpoint import DEMO_CHECKPOINT, CheckpointError
+    from quant import load_any_checkpoint
     from server.engine import EngineConfig, EngineError, LLMEngine
     from server.sampling import SamplingParams
 
@@ -30,11 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     path = args.checkpoint or DEMO_CHECKPOINT
     try:
-        try:
-            from quant import load_any_checkpoint as load
-        except ImportError:  # a build without the quant package: plain checkpoints only
-            load = load_checkpoint
-        model, tokenizer = load(path, args.device)
+        model, tokenizer = load_any_checkpoint(path, args.device)
         prompt = tokenizer.encode(args.prompt)
         params = SamplingParams(max_tokens=args.max_length, min_tokens=args.min_length,
                                 temperature=args.temperature, top_k=args.top_k,
