@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.drain import AFTER_ABORT_S, Drain, DrainGate
 from server.engine import EngineDeadError, QueueFullError, RequestTooLongError
 from server.fanout import Fanout
 from server.metrics import ServerMetrics
@@ -306,7 +307,7 @@ def build_app(async_engine, settings: ServerSettings | None = None) -> FastAPI:
         if stream_body is not None:
             return EventSourceResponse(
                 _sse(fan, stream_body), sep="\n",
-                shutdown_grace_period=settings.shutdown_timeout)
+                shutdown_grace_period=AFTER_ABORT_S)
         try:
             result = await _unless_disconnected(request, collect(fan))
         except _ClientGone:
@@ -430,6 +431,9 @@ def build_app(async_engine, settings: ServerSettings | None = None) -> FastAPI:
     async def get_version():
         return {"version": server_version}
 
+    # innermost first: the drain gate counts what the key and size checks let through
+    app.state.drain = Drain(settings.shutdown_timeout, engine.shutdown, settings.retry_after_s)
+    app.add_middleware(DrainGate, drain=app.state.drain)
     app.add_middleware(_Guard, api_key=settings.api_key, max_bytes=settings.max_request_bytes)
     if settings.cors_origins:  # outermost, so preflights and 401s carry CORS headers
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),

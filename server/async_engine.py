@@ -64,7 +64,8 @@ class AsyncEngine:
             self.is_running = False
             self._executor.shutdown(wait=True)
             for request_id in list(self._queues):
-                self._deliver_final(request_id, "abort", None)
+                self._deliver_final(request_id, "abort",
+                                    "the server shut down before the request finished")
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

@@ -2,11 +2,11 @@
 
 With no arguments it serves the demo model on 127.0.0.1:8000. Whether a checkpoint is
 quantized is read from the checkpoint (`quant_config.json`), never guessed from its name.
-SIGTERM (or Ctrl+C) stops accepting connections, gives running requests `--shutdown_timeout`
-seconds to finish, then stops the engine and exits. Bad input (a missing checkpoint, a bad
-flag value) is one line on stderr and exit status 1, never a traceback. This module knows
-the command line and process lifecycle; the routes live in server/api.py, the batching in
-server/engine.py.
+SIGTERM (or Ctrl+C) drains (server/drain.py): new requests get 503, running ones get
+`--shutdown_timeout` seconds to finish, then the engine stops and the process exits 0.
+Bad input (a missing checkpoint, a bad flag value) is one line on stderr and exit status 1,
+never a traceback. This module knows the command line and process lifecycle; the routes live
+in server/api.py, the batching in server/engine.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import logging
 import math
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -96,6 +95,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from server.api import ServerSettings, build_app
+    from server.drain import AFTER_ABORT_S, DrainingServer
     from server.engine import AsyncEngine, EngineConfig, LLMEngine
 
     for flag in ("max_num_seqs", "max_num_batched_tokens", "max_queue_len"):
@@ -123,14 +123,10 @@ def serve(args: argparse.Namespace) -> None:
     logging.getLogger("server").info("serving %s as %r on http://%s:%d", args.checkpoint or
                                      "the demo model", settings.served_model_name, args.host,
                                      args.port)
-    # uvicorn drains on SIGTERM, then re-raises the signal: make that a clean exit (status 0)
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=math.ceil(args.shutdown_timeout) + 1)
-
-
-def _exit_cleanly(signum, frame) -> None:
-    raise SystemExit(0)
+    # SIGTERM drains (server/drain.py): new requests get 503 while the running ones finish
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=math.ceil(AFTER_ABORT_S) + 1)
+    DrainingServer(config, app.state.drain).run()
 
 
 def main(argv: list[str] | None = None) -> int:

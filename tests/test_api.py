@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import pytest
 import uvicorn
 
 from server.api import ServerSettings, build_app
+from server.drain import DrainingServer
 from server.engine import AsyncEngine, EngineConfig, LLMEngine, RequestOutput
 from tests.conftest import make_model
 
@@ -30,11 +30,12 @@ MODEL = "tiny-test"
 KEY = "sk-test-key"
 
 
-class _ThreadServer(uvicorn.Server):
-    """uvicorn in a background thread; `ready` is set once it listens (after lifespan)."""
+class _Ready:
+    """Mixin for a uvicorn.Server run in a background thread: `ready` is set once it listens
+    (after lifespan)."""
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, *args):
+        super().__init__(*args)
         self.ready = threading.Event()
 
     async def startup(self, sockets=None):
@@ -42,14 +43,27 @@ class _ThreadServer(uvicorn.Server):
         self.ready.set()
 
 
+class _ThreadServer(_Ready, uvicorn.Server):
+    pass
+
+
+class _ThreadDrainingServer(_Ready, DrainingServer):
+    pass
+
+
 class Running:
-    def __init__(self, engine, settings):
+    """A server on an ephemeral port in a thread. `draining=True` runs fanformer-serve's
+    DrainingServer, whose `handle_exit(SIGTERM, None)` the tests call as the signal would."""
+
+    def __init__(self, engine, settings, draining: bool = False, **uvicorn_config):
         self.engine = engine
         self.app = build_app(engine, settings)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = _ThreadServer(uvicorn.Config(self.app, log_level="warning"))
+        config = uvicorn.Config(self.app, log_level="warning", **uvicorn_config)
+        self.server = (_ThreadDrainingServer(config, self.app.state.drain) if draining
+                       else _ThreadServer(config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
                                        daemon=True)
         self.thread.start()
@@ -424,32 +438,6 @@ def test_cli_bad_checkpoint_is_one_line(tmp_path):
     result = run_cli("--checkpoint", str(tmp_path / "missing"))
     assert result.returncode == 1
     assert result.stderr.startswith("fanformer-serve: ") and len(result.stderr.splitlines()) == 1
-
-
-def test_cli_serves_and_drains_on_sigterm(checkpoint_dir):
-    proc, url = spawn_server(checkpoint_dir, "--log_level", "warning", stderr=subprocess.PIPE)
-    try:
-        def healthy():
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                return httpx.get(url + "/health").status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_until(healthy, timeout=60)
-        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == checkpoint_dir.name
-        with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
-                "prompt": "Alice", "max_tokens": 120, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}) as r:
-            lines = r.iter_lines()
-            assert next(line for line in lines if line.startswith("data: "))
-            proc.send_signal(signal.SIGTERM)  # the running stream still finishes
-            events = [line[6:] for line in lines if line.startswith("data: ")]
-        assert events[-1] == "[DONE]"
-        assert json.loads(events[-2])["usage"]["completion_tokens"] == 120
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 def test_disconnect_while_queued_leaves_the_queue(small):
