@@ -124,6 +124,9 @@ class TokenCache:
         if path.is_file() and path.with_suffix(".json").is_file():
             return cls(path)
         dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+        for stale in cache_dir.glob(f".{path.name}.tmp-*"):  # left by a killed build
+            if not _pid_alive(stale.name.rsplit("-", 1)[1]):
+                stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         total = sum(f.stat().st_size for f in files)
         n_tokens = n_docs = 0
@@ -147,6 +150,16 @@ class TokenCache:
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
         os.replace(tmp, path)  # the .bin appears last, so a present .bin is a complete cache
         return cls(path)
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def _cache_key(files: list[Path], tokenizer: Tokenizer) -> str:

@@ -162,6 +162,10 @@ class Trainer:
         self.args, self.world, self.device = args, world, device
         self.out_dir = Path(args.out_dir)
         files = resolve_files(list(args.data))
+        if world.is_main:
+            for leftover in ts.remove_incomplete(self.out_dir):
+                _log(f"removed {leftover.name}: left by an interrupted checkpoint save")
+        dd.barrier(world)
         self.resume_dir = ts.latest_checkpoint(self.out_dir)
         if self.resume_dir is not None and not args.resume:
             raise CheckpointError(f"{self.out_dir} already holds checkpoints; pass --resume to "

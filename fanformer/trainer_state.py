@@ -5,14 +5,17 @@ model checkpoint that `fanformer.checkpoint.save_checkpoint` writes (fp32, so a 
 exact), plus `optimizer.safetensors` (the optimizer's tensors, flattened to named tensors),
 `rng.safetensors` (each rank's torch/CUDA generator states) and `trainer_state.json` (step,
 samples seen, optimizer hyper-parameters, Python RNG, the arguments a resume must match).
-The directory appears by an atomic rename, so a crash mid-save leaves only a dot-prefixed
-temporary directory, which `latest_checkpoint` never picks. Only the newest `keep` are kept.
+The directory appears by an atomic rename, so a crash mid-save (even SIGKILL) leaves only a
+dot-prefixed temporary directory, which `latest_checkpoint` never picks and
+`remove_incomplete` deletes at the next start. Only the newest `keep` are kept; older ones are
+renamed to a dot-prefixed name before they are deleted, for the same reason.
 This module knows nothing about data or the training loop; `train.py` calls it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -94,8 +97,25 @@ def save_training_checkpoint(out_dir: str | Path, step: int, model: FANformer,
         OPTIMIZER_FILE: save(opt_tensors), RNG_FILE: save(rng),
         STATE_FILE: json.dumps(body, indent=1) + "\n"})
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        # renamed first, so a kill mid-delete leaves a dot-prefixed leftover, never a
+        # half-deleted directory under a checkpoint's name
+        doomed = old.with_name(f".{old.name}.deleting")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return target
+
+
+def remove_incomplete(out_dir: str | Path) -> list[Path]:
+    """Delete what an interrupted save or rotation left in `<out_dir>/checkpoints` (the
+    dot-prefixed temporaries); return what was removed. Rank 0 calls it before a run."""
+    root = Path(out_dir) / "checkpoints"
+    leftovers = sorted(root.glob(".step_*")) if root.is_dir() else []
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return leftovers
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:

@@ -20,6 +20,14 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.train_from_files([FIXTURES / "tiny.txt"], 512, show_progress=False)
 
 
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory, tokenizer) -> str:
+    """The `tokenizer` fixture saved, for `fanformer-train --tokenizer`."""
+    directory = tmp_path_factory.mktemp("tok")
+    tokenizer.save(directory)
+    return str(directory / "tokenizer.json")
+
+
 def make_model(preset: str = "test", seed: int = 0, **overrides) -> FANformer:
     torch.manual_seed(seed)
     return FANformer(ModelConfig.from_preset(preset, **overrides)).eval()

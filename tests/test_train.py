@@ -22,15 +22,6 @@ from tests.conftest import FIXTURES, make_model
 CORPUS = str(FIXTURES / "tiny.txt")
 
 
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory) -> str:
-    from fanformer.tokenizer import Tokenizer
-
-    directory = tmp_path_factory.mktemp("tok")
-    Tokenizer.train_from_files([FIXTURES / "tiny.txt"], 512, show_progress=False).save(directory)
-    return str(directory / "tokenizer.json")
-
-
 def common(tokenizer_file: str, out_dir: Path, *extra: str) -> list[str]:
     return [CORPUS, "--preset", "test", "--tokenizer", tokenizer_file, "--out_dir", str(out_dir),
             "--seq_len", "32", "--batch_size", "2", "--grad_accum", "2", "--max_steps", "8",
