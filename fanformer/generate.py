@@ -33,8 +33,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p
+        # drop a token when the tokens ranked above it already reach top_p; the top token
+        # always stays (a top_p that rounds to 0 in float32, e.g. 5e-324, must not drop all)
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[0] = False
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if min_p > 0:

@@ -38,6 +38,8 @@ def test_top_k_and_top_p_restrict_the_support():
     assert {sample_next(logits, 1.0, top_p=0.7, generator=g) for _ in range(200)} == {0, 1}
     assert {sample_next(logits, 1.0, top_p=0.5, generator=g) for _ in range(50)} == {0}
     assert sample_next(logits, 0.0) == 0
+    # a top_p that is 0 in float32 (found by schemathesis: 5e-324 was a 500) keeps the top
+    assert {sample_next(logits, 1.0, top_p=5e-324, generator=g) for _ in range(20)} == {0}
 
 
 def test_min_length_blocks_eos_and_eos_stops():
