@@ -131,6 +131,9 @@ class SamplingState:
         return cls(params, generator, prompt_ids, output_ids, banned)
 
 
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
 def _edit_logits(row: torch.Tensor, state: SamplingState) -> torch.Tensor:
     """Bias, penalties and min-tokens masking on one fp32 row (vocab,)."""
     p = state.params
@@ -144,8 +147,10 @@ def _edit_logits(row: torch.Tensor, state: SamplingState) -> torch.Tensor:
                                 device=row.device, dtype=torch.long)
             vals = row[seen]
             row = row.clone()
+            # a penalty that is 0 in fp32 (5e-324, found by schemathesis) divides by zero:
+            # keep the boosted logits finite, or the softmax turns them into NaN
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
-                                    vals * p.repetition_penalty)
+                                    vals * p.repetition_penalty).clamp(max=_FP32_MAX)
         if state.output_ids and (p.presence_penalty or p.frequency_penalty):
             counts = torch.bincount(torch.tensor(state.output_ids, device=row.device),
                                     minlength=row.numel())[: row.numel()].to(row.dtype)

@@ -83,6 +83,10 @@ def test_penalties_bias_and_min_tokens():
     # repetition: 5/3 < 4, so token 0 (in the prompt) loses to token 1
     assert sample_batch(logits, [state(SamplingParams(**greedy, repetition_penalty=3.0),
                                        prompt_ids=[0])]) == [1]
+    # a penalty that underflows to 0 in fp32 boosts the seen token, never makes NaN (was a 500)
+    for seed in range(3):
+        assert sample_batch(logits, [state(SamplingParams(repetition_penalty=5e-324, seed=seed),
+                                           prompt_ids=[1])]) == [1]
     # frequency: 5 - 2 * 1 = 3 < 4
     assert sample_batch(logits, [state(SamplingParams(**greedy, frequency_penalty=2.0),
                                        output_ids=[0])]) == [1]

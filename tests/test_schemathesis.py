@@ -17,6 +17,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.config import SchemathesisConfig
 
 from server.api import ServerSettings
 from tests.test_api import MODEL, Running, make_engine, wait_until
@@ -36,7 +37,9 @@ def fuzzed(tokenizer):
 
 @pytest.fixture(scope="module")
 def operations(fuzzed) -> list:
-    schema = schemathesis.openapi.from_url(fuzzed.url + "/openapi.json")
+    # schemathesis stops reading a stream after 20 events by default; read ours to the end
+    config = SchemathesisConfig.from_dict({"max-stream-events": 10_000})
+    schema = schemathesis.openapi.from_url(fuzzed.url + "/openapi.json", config=config)
     found = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in found} >= {"/v1/completions", "/v1/chat/completions",
                                         "/v1/models", "/tokenize", "/detokenize"}
