@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import platform
 import socket
 import subprocess
 import sys
@@ -432,6 +433,16 @@ def spawn_server(checkpoint_dir, *args: str, **popen) -> tuple[subprocess.Popen,
                              str(checkpoint_dir), "--port", str(port), "--dtype", "float32",
                              *args], text=True, **popen)
     return proc, f"http://127.0.0.1:{port}"
+
+
+def test_malloc_arenas_are_capped_unless_the_user_chose(monkeypatch):
+    from server.cli import limit_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert not limit_malloc_arenas()  # the user's choice stands
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    glibc = sys.platform.startswith("linux") and "glibc" in " ".join(platform.libc_ver())
+    assert limit_malloc_arenas() == glibc
 
 
 def test_cli_bad_checkpoint_is_one_line(tmp_path):
