@@ -23,6 +23,7 @@ USER fanformer
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
-# Exec form: fanformer-serve is PID 1 and gets SIGTERM itself; it lets running requests
-# finish for --shutdown_timeout seconds (30), so stop with `docker stop -t 40`.
+# Exec form: fanformer-serve is PID 1 and gets SIGTERM itself; it drains (new requests get
+# 503, running ones get up to --shutdown_timeout = 30 s, then ~7 s to stop), so stop with
+# `docker stop -t 40`.
 CMD ["fanformer-serve", "--host", "0.0.0.0", "--port", "8000"]
