@@ -134,8 +134,8 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
     With the default (8 per core) every thread that allocates (event loop, engine step,
     tokenizer, OpenMP) keeps its own arena of freed blocks, and a long-running server's RSS
-    keeps climbing as batch shapes vary: in a 10-minute 64-client soak, 775 -> 930 MiB with
-    the default against 781 -> 857 MiB capped, at the same request rate (docs/RELIABILITY.md).
+    keeps climbing as batch shapes vary; capped, the climb of a 64-client soak was about half
+    (docs/RELIABILITY.md "Memory" has the runs and their commands).
     Must run before other threads allocate, so first thing in main(). Returns whether set.
     """
     if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
