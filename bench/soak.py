@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from bench_http import free_port  # bench/ is on sys.path when this runs as a script
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,9 +123,7 @@ async def drive(url: str, args, tally: Tally, rss: list[tuple[float, int]], proc
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port),
            "--max_num_seqs", str(args.clients), "--log_level", "warning"]
     if args.checkpoint:

@@ -435,6 +435,17 @@ def spawn_server(checkpoint_dir, *args: str, **popen) -> tuple[subprocess.Popen,
     return proc, f"http://127.0.0.1:{port}"
 
 
+def wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    """Until a spawned server answers /health with 200 (failing at once if it exited)."""
+    def healthy():
+        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        try:
+            return httpx.get(url + "/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+    wait_until(healthy, timeout=60)
+
+
 def test_malloc_arenas_are_capped_unless_the_user_chose(monkeypatch):
     from server.cli import limit_malloc_arenas
 

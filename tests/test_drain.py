@@ -21,7 +21,7 @@ import pytest
 
 import server.drain
 from server.api import ServerSettings
-from tests.test_api import MODEL, Running, make_engine, spawn_server, wait_until
+from tests.test_api import MODEL, Running, make_engine, spawn_server, wait_healthy, wait_until
 
 STREAM = {"model": MODEL, "prompt": "Alice", "ignore_eos": True, "temperature": 0,
           "stream": True, "stream_options": {"include_usage": True}}
@@ -144,13 +144,7 @@ def test_cli_drains_on_signal(checkpoint_dir, signum):
     proc, url = spawn_server(checkpoint_dir, "--log_level", "warning", stderr=subprocess.PIPE)
     held = None
     try:
-        def healthy():
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                return httpx.get(url + "/health").status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_until(healthy, timeout=60)
+        wait_healthy(proc, url)
         held = HalfSent(url, {"model": checkpoint_dir.name, "prompt": "Alice", "max_tokens": 3})
         with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
                 **STREAM, "model": checkpoint_dir.name, "max_tokens": 120}) as r:

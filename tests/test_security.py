@@ -17,7 +17,14 @@ import pytest
 import server.api
 from server.api import ServerSettings
 from server.cli import build_parser
-from tests.test_api import KEY, MODEL, Running, make_engine, spawn_server, wait_until
+from tests.test_api import (
+    KEY,
+    MODEL,
+    Running,
+    make_engine,
+    spawn_server,
+    wait_healthy,
+)
 
 WRONG = ["", "Bearer", f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", KEY,
          f"bearer {KEY}", f"Basic {KEY}", f"Bearer  {KEY}", "Bearer sk-" + "a" * 5000]
@@ -102,13 +109,7 @@ def test_api_key_never_in_the_logs(checkpoint_dir):
     proc, url = spawn_server(checkpoint_dir, "--api_key", KEY, "--log_level", "debug",
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        def healthy():
-            assert proc.poll() is None, "the server exited"
-            try:
-                return httpx.get(url + "/health").status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_until(healthy, timeout=60)
+        wait_healthy(proc, url)
         with httpx.Client(base_url=url, timeout=30) as http:
             for auth in (f"Bearer {KEY}", f"Bearer {KEY}x", KEY):
                 http.post("/v1/completions", headers={"Authorization": auth},
