@@ -3,8 +3,9 @@
 It is the oracle the serving engine is tested against (same tokens at temperature 0), and
 the `fanformer-generate` command until the engine takes it over. Sampling applies, in
 order: min-length EOS masking, temperature, top-k, top-p, then a draw from the caller's
-`torch.Generator` (temperature 0 = greedy argmax). Lengths count generated tokens only;
-the original project counted the prompt in `min_length`, which we do not.
+`torch.Generator` (a temperature below GREEDY_BELOW, 0 included, is greedy argmax). Lengths
+count generated tokens only; the original project counted the prompt in `min_length`, which
+we do not.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import torch
 
 from fanformer.model import ContiguousKVCache, FANformer
 
+# Temperatures below this are greedy (as in vLLM): dividing logits by 1e-80 overflows to inf
+# and the draw would fail on NaN probabilities. The engine's SamplingParams.greedy uses it too.
+GREEDY_BELOW = 1e-5
+
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
                 top_p: float = 1.0, generator: torch.Generator | None = None,
@@ -24,7 +29,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
 
     `min_p` drops tokens whose probability is below min_p x the top token's (after top-k/p).
     """
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     logits = logits.float() / temperature
     if 0 < top_k < logits.numel():

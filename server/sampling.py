@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fanformer.generate import sample_next
+from fanformer.generate import GREEDY_BELOW, sample_next
 
 MAX_LOGPROBS = 20
 MAX_N = 16
@@ -89,9 +89,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Temperatures below 1e-5 (as vLLM) are greedy: dividing logits by 1e-80 overflows
-        to inf and the draw would fail on NaN probabilities."""
-        return self.temperature < 1e-5
+        """Temperatures below GREEDY_BELOW (1e-5, as vLLM) are greedy, in the reference
+        sampler too."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def needs_history(self) -> bool:
@@ -165,8 +165,7 @@ def _draw(row: torch.Tensor, state: SamplingState) -> int:
     """Temperature, top-k, top-p, min-p, then one draw with the row's generator: the
     reference loop's `sample_next`, so engine and reference draw alike."""
     p = state.params
-    return sample_next(row, 0.0 if p.greedy else p.temperature, p.top_k, p.top_p,
-                       state.generator, p.min_p)
+    return sample_next(row, p.temperature, p.top_k, p.top_p, state.generator, p.min_p)
 
 
 def sample_batch(logits: torch.Tensor, states: list[SamplingState]
