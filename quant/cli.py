@@ -11,7 +11,6 @@ Bad input is one line on stderr and exit status 2. It does not know how any meth
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,19 +27,27 @@ from fanformer.checkpoint import (
     load_checkpoint,
 )
 from fanformer.data import EVAL_TEXT, bits_per_byte
+from fanformer.flags import FlagParser
+from fanformer.outputs import MARKER, OutputError, check_output_dir, marker_text
 from quant.calibration import DEFAULT_CALIB_TEXT, calibration_ids
 from quant.config import METHODS, QuantConfig, QuantError
 from quant.convert import block_linears, cast_float_tensors, load_quantized, write_quantized
 from quant.rtn import effective_group_size
 
 REPORT_FILE = "quant_report.json"
+PROG = "fanformer-quantize"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fanformer-quantize", description=__doc__.split("\n")[0])
+def build_parser() -> FlagParser:
+    p = FlagParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
-    p.add_argument("--checkpoint", required=True, help="plain (unquantized) checkpoint dir")
-    p.add_argument("--output", required=True, help="directory to write (replaced atomically)")
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                   help="plain (unquantized) checkpoint dir")
+    p.add_argument("--output", "--output_dir", dest="output", required=True,
+                   help="folder to write: absent, empty, or an earlier fanformer-quantize "
+                        "output (replaced atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output even if it holds files this command did not write")
     p.add_argument("--bits", type=int, default=None,
                    help="weight bits: gptq 2/3/4/8, rtn 4/8, awq/nf4 4, int8 8 (default 4; 8 "
                         "for int8)")
@@ -128,6 +135,7 @@ def quantize(args) -> dict:
                          "quantize the original checkpoint")
     if output.resolve() == source.resolve():
         raise QuantError("--output must be a different directory from --checkpoint")
+    check_output_dir(output, PROG, "--output", args.overwrite)
     model, tokenizer = load_checkpoint(source, dtype=torch.float32)  # the math runs in fp32
     _check_shapes(model, qc)
     ids = None
@@ -150,6 +158,7 @@ def quantize(args) -> dict:
 
     with atomic_directory(output) as tmp:
         write_quantized(tmp, model, tokenizer, qc, metadata={"quantized_from": str(source)})
+        (tmp / MARKER).write_text(marker_text(PROG))
         del model
         qmodel, _ = load_quantized(tmp)  # measure what was written, as users will load it
         memory_after, rss_after = _tensor_bytes(qmodel), _rss()
@@ -199,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = quantize(args)
-    except (QuantError, CheckpointError) as e:
-        print(f"fanformer-quantize: error: {e}", file=sys.stderr)
+    except (QuantError, CheckpointError, OutputError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))
     return 0

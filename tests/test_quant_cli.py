@@ -100,3 +100,28 @@ def test_module_entry_point_runs():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "unknown method" in result.stderr
+
+
+def test_output_folder_with_user_files_is_never_replaced(tmp_path, checkpoint_dir, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "IMPORTANT.txt").write_text("mine")
+    argv = ["--method", "rtn", "--checkpoint", str(checkpoint_dir), "--output", str(out), *FAST]
+    _fails(capsys, argv, "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["IMPORTANT.txt"]
+    assert (out / "IMPORTANT.txt").read_text() == "mine"
+
+
+def test_output_folder_of_an_earlier_quantize_is_replaced(tmp_path, checkpoint_dir, capsys):
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder is fine too
+    argv = ["--method", "rtn", "--checkpoint", str(checkpoint_dir), "--output-dir", str(out),
+            *FAST]
+    assert main(argv) == 0
+    first = json.loads((out / QUANT_CONFIG_FILE).read_text())
+    assert main([*argv, "--method", "int8"]) == 0  # its own earlier output: replaced
+    assert json.loads((out / QUANT_CONFIG_FILE).read_text()) != first
+    (out / "notes.txt").write_text("added by hand")  # marked, so still ours to replace
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert not (out / "notes.txt").exists()
