@@ -20,7 +20,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +41,9 @@ from fanformer.data import (
     token_byte_lengths,
 )
 from fanformer.model import FANformer
+from fanformer.outputs import MARKER, marker_text
 from fanformer.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from fanformer.train import TrainArgs
+from fanformer.train_args import EXPORT_WRITER, TrainArgs
 
 # Arguments a resumed run must share with the run it continues (else the data order differs).
 RESUME_MUST_MATCH = ("seq_len", "batch_size", "grad_accum", "world_size", "seed")
@@ -166,12 +165,11 @@ class Trainer:
             for leftover in ts.remove_incomplete(self.out_dir):
                 _log(f"removed {leftover.name}: left by an interrupted checkpoint save")
         dd.barrier(world)
-        self.resume_dir = ts.latest_checkpoint(self.out_dir)
-        if self.resume_dir is not None and not args.resume:
+        newest = ts.latest_checkpoint(self.out_dir)
+        if newest is not None and not (args.resume or args.resume_from):
             raise CheckpointError(f"{self.out_dir} already holds checkpoints; pass --resume to "
                                   "continue that run, or choose another --out_dir")
-        if args.resume and self.resume_dir is None and world.is_main:
-            _log(f"no checkpoint in {self.out_dir / 'checkpoints'}: starting from scratch")
+        self.resume_dir = self._resume_dir()
         self.tokenizer = self._tokenizer(files, overrides.get("vocab_size"))
         self.config = ModelConfig.from_preset(
             args.preset, **{**overrides, "vocab_size": self.tokenizer.vocab_size})
@@ -182,13 +180,30 @@ class Trainer:
                 raise CheckpointError(
                     f"{self.resume_dir} was trained with a different model config (differs in "
                     f"{', '.join(diff)}); pass the same --preset and model flags")
-        if args.seq_len > self.config.max_seq_len:
-            raise ValueError(f"--seq_len {args.seq_len} is above the model's context "
-                             f"(max_seq_len {self.config.max_seq_len})")
         self._data(files)
         self._model()
 
     # ---- setup ----
+    def _resume_dir(self) -> Path | None:
+        """--resume_from's folder; or with --resume the newest checkpoint that reads back
+        whole (a damaged newer one is skipped with a warning); else None."""
+        if self.args.resume_from:
+            ts.check_training_checkpoint(Path(self.args.resume_from))
+            return Path(self.args.resume_from)
+        if not self.args.resume:
+            return None
+        for candidate in reversed(ts.list_checkpoints(self.out_dir)):
+            try:
+                ts.check_training_checkpoint(candidate)
+                return candidate
+            except CheckpointError as e:
+                if self.world.is_main:
+                    _log(f"warning: skipping a damaged checkpoint: {e}")
+        if self.world.is_main:
+            _log(f"no complete checkpoint in {self.out_dir / 'checkpoints'}: starting from "
+                 "scratch")
+        return None
+
     def _tokenizer(self, files: list[Path], vocab_size: int | None) -> Tokenizer:
         """The checkpoint's tokenizer on resume, else --tokenizer, else train one (rank 0)."""
         if self.resume_dir is not None:
@@ -203,6 +218,10 @@ class Trainer:
             size = vocab_size or ModelConfig.from_preset(self.args.preset).vocab_size
             _log(f"training a {size}-token BPE tokenizer on {len(files)} file(s)")
             tokenizer = Tokenizer.train(iter_lines(files), size, show_progress=True)
+            if tokenizer.vocab_size < size:
+                _log(f"warning: the trained tokenizer has {tokenizer.vocab_size} tokens, fewer "
+                     f"than the {size} asked for (the text holds no more merges); the model's "
+                     f"vocab_size follows the tokenizer")
             path.parent.mkdir(parents=True, exist_ok=True)
             tokenizer.save(path.parent)
         dd.barrier(self.world)
@@ -239,6 +258,9 @@ class Trainer:
                 f"{self.batches.n_windows}; lower --batch_size, --grad_accum or --seq_len")
         self.max_steps = args.max_steps or max(
             1, int(args.epochs * self.batches.n_windows / self.global_batch))
+        if args.warmup_steps >= self.max_steps and world.is_main:
+            _log(f"warning: --warmup_steps {args.warmup_steps} >= the run's {self.max_steps} "
+                 "steps: the learning rate never reaches --lr and never decays")
         self.byte_lengths = token_byte_lengths(self.tokenizer)
 
     def _model(self) -> None:
@@ -415,7 +437,8 @@ class Trainer:
             save_checkpoint(self.args.export_dir, self.model, self.tokenizer,
                             dtype=torch.bfloat16,
                             metadata={"trained_tokens": self.tokens_at(self.step),
-                                      "eval_bits_per_byte": result["bits_per_byte"]})
+                                      "eval_bits_per_byte": result["bits_per_byte"]},
+                            extra_files={MARKER: marker_text(EXPORT_WRITER)})
             _log(f"exported {self.args.export_dir} (bf16, model + tokenizer)")
         _log(f"loss curve: {plot_metrics(self.out_dir)}")
         return {f"eval_{k}": v for k, v in result.items()}

@@ -23,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load, save
 
 from fanformer.checkpoint import (
+    WEIGHTS_FILE,
     CheckpointError,
     check_state,
+    load_tokenizer,
     read_config,
     read_json,
     read_tensors,
@@ -130,6 +133,23 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     found = list_checkpoints(out_dir)
     return found[-1] if found else None
+
+
+def check_training_checkpoint(directory: Path) -> None:
+    """Raise CheckpointError if any file of the checkpoint cannot be read back: the JSON
+    files parse, the tokenizer loads, and each safetensors file's header matches its size
+    (what a truncated or overwritten file fails). Reads headers, not the tensors."""
+    read_training_state(directory)
+    read_config(directory)
+    load_tokenizer(directory)
+    for name in (WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE):
+        try:
+            with safe_open(directory / name, framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{directory / name} is missing, truncated or corrupt "
+                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                                  ) from None
 
 
 def read_training_state(directory: Path) -> dict[str, Any]:

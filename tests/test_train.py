@@ -111,6 +111,131 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tokenizer_file, capsys, case
     assert not any("Traceback" in line for line in err)
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max_steps", "-1", "--max_steps must be >= 0"),
+    ("--lr", "-1", "--lr must be positive"),
+    ("--learning_rate", "0", "--lr must be positive"),
+    ("--n_heads", "5", "d_model (64) must be divisible by n_heads (5)"),
+    ("--d_model", "-8", "invalid ModelConfig"),
+    ("--batch_size", "0", "--batch_size must be positive"),
+    ("--warmup_steps", "-1", "--warmup_steps must be >= 0"),
+    ("--epochs", "0", "--epochs must be positive"),
+    ("--min_lr_ratio", "2", "--min_lr_ratio must be in [0, 1]"),
+    ("--beta2", "1", "--beta2 must be in [0, 1)"),
+    ("--eval_fraction", "0", "--eval_fraction must be in (0, 1)"),
+    ("--precision", "fp8", "--precision must be auto, bf16 or fp32"),
+    ("--device", "tpu", "--device must be cpu, cuda or auto"),
+    ("--seq_len", "129", "above the model's context"),
+    ("--resume_from", "nowhere", "is not a training checkpoint"),
+    ("--tokenizer", "nowhere.json", "does not exist"),
+])
+def test_every_bad_argument_fails_before_any_work(tmp_path, capsys, flag, value, message):
+    """No tokenizer is trained, no cache built, no folder created: one line, exit 2."""
+    out = tmp_path / "run"
+    assert main([CORPUS, "--preset", "test", "--output_dir", str(out), flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fanformer-train: error:"), err
+    assert message in err[0], err
+    assert not out.exists()
+
+
+def test_the_defaults_of_a_preset_train(tmp_path, capsys):
+    """The issue's command: --preset test brings its own window (max_seq_len 128)."""
+    out = tmp_path / "r"
+    assert main(["--preset", "test", "--data", CORPUS, "--output_dir", str(out),
+                 "--max_steps", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "--warmup_steps 100 >= the run's 4 steps" in err
+    state = ts.read_training_state(ts.latest_checkpoint(out))
+    assert state["args"]["seq_len"] == 128
+
+
+def test_a_tokenizer_smaller_than_asked_is_reported(tmp_path, capsys):
+    assert main(["--preset", "test", "--data", CORPUS, "--output_dir", str(tmp_path / "r"),
+                 "--vocab_size", "20000", "--max_steps", "1", "--warmup_steps", "0",
+                 "--seq_len", "32", "--batch_size", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "fewer than the 20000 asked for" in err and "warmup" not in err
+
+
+def _user_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "IMPORTANT.txt").write_text("mine")
+    return path
+
+
+def _survives(path: Path) -> None:
+    assert sorted(p.name for p in path.iterdir()) == ["IMPORTANT.txt"]
+    assert (path / "IMPORTANT.txt").read_text() == "mine"
+
+
+def test_export_dir_equal_to_or_inside_the_run_folder_is_refused(tmp_path, tokenizer_file,
+                                                                   capsys):
+    run = tmp_path / "run"
+    assert main(common(tokenizer_file, run, "--stop_at_step", "2")) == 0
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for export in (run, run / "export", tmp_path):
+        capsys.readouterr()
+        assert main(common(tokenizer_file, run, "--resume", "--export_dir", str(export))) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "inside" in err[0], err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_export_dir_holding_user_files_is_refused(tmp_path, tokenizer_file, capsys):
+    export = _user_folder(tmp_path / "export")
+    assert main(common(tokenizer_file, tmp_path / "run", "--export_dir", str(export))) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    _survives(export)
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_folder_holding_user_files_is_refused(tmp_path, tokenizer_file, capsys):
+    run = _user_folder(tmp_path / "run")
+    assert main(common(tokenizer_file, run)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    _survives(run)
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, tokenizer_file, capsys):
+    run = tmp_path / "run"
+    assert main(common(tokenizer_file, run, "--save_every", "2", "--stop_at_step", "4")) == 0
+    newest = ts.latest_checkpoint(run)
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated, as by a full disk
+    capsys.readouterr()
+    assert main(common(tokenizer_file, run, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "skipping a damaged checkpoint" in err and "8 steps from step 2" in err
+
+
+def test_resume_from_picks_a_checkpoint(tmp_path, tokenizer_file, capsys):
+    run = tmp_path / "run"
+    assert main(common(tokenizer_file, run, "--save_every", "2", "--stop_at_step", "4")) == 0
+    capsys.readouterr()
+    assert main(common(tokenizer_file, run, "--resume-from-checkpoint",
+                       str(ts.step_dir(run, 2)))) == 0
+    assert "8 steps from step 2" in capsys.readouterr().err
+
+
+def test_flags_take_dashes_and_hf_names():
+    hf, _ = parse_args(["--train-file", "a.txt", "--learning_rate", "0.01",
+                        "--per_device_train_batch_size", "3", "--gradient-accumulation-steps",
+                        "2", "--save_steps", "7", "--num_train_epochs", "2",
+                        "--output_dir", "r", "--max-seq-len", "64"])
+    ours, overrides = parse_args(["a.txt", "--lr", "0.01", "--batch_size", "3", "--grad_accum",
+                                  "2", "--save_every", "7", "--epochs", "2", "--out_dir", "r",
+                                  "--max_seq_len", "64"])
+    assert hf == ours and overrides == {"max_seq_len": 64}
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.001)" in text and "--learning_rate" in text
+
+
 @pytest.mark.parametrize("change, message", [
     (["--d_model", "32"], "different model config (differs in d_model)"),
     (["--batch_size", "4"], "different --batch_size"),
