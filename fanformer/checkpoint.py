@@ -2,8 +2,13 @@
 
 A checkpoint is a directory holding `config.json` (format version + model config),
 `model.safetensors`, `tokenizer.json` (+ `tokenizer_config.json`), and `quant_config.json`
-when the `quant` package wrote it. No pickles. Saving writes a temporary sibling directory
-and renames it into place, so a crash never leaves half a checkpoint under the real name.
+when the `quant` package wrote it. No pickles. Every directory is also a Hugging Face model
+folder: config.json is flat and HF-style (model_type, architectures, auto_map, torch_dtype,
+token ids, our ModelConfig fields at the top level), and the remote code of `fanformer/hf/`
+is written beside it, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
+loads it (docs/HF.md). Format 1 (fields nested under "model") is still read. Saving writes
+a temporary sibling directory and renames it into place, so a crash never leaves half a
+checkpoint under the real name.
 Loading a missing, truncated or mismatched checkpoint raises `CheckpointError` with one
 sentence naming the file and the problem. This module does not know how to load quantized
 weights: `quant` builds on `read_config`/`read_tensors` for that.
@@ -23,11 +28,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fanformer.config import ModelConfig
+from fanformer import hf
+from fanformer.config import VOCAB_MULTIPLE, ModelConfig, field_names
 from fanformer.model import FANformer
 from fanformer.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: ModelConfig nested under "model" (still read); 2: flat, HF-style
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 QUANT_CONFIG_FILE = "quant_config.json"
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "demo"
@@ -83,10 +89,25 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_config(directory: Path, config: ModelConfig, **extra: Any) -> None:
+def write_config(directory: Path, config: ModelConfig, tokenizer: Tokenizer,
+                 dtype: torch.dtype = torch.float32, tie_word_embeddings: bool = True,
+                 **extra: Any) -> None:
+    """Write config.json and the HF remote code (configuration/modeling_fanformer.py).
+
+    `dtype` is what the weights are stored in (HF's torch_dtype); `tie_word_embeddings`
+    is False when the LM head is stored on its own (a quantized head). `extra` adds keys
+    such as `metadata` or `quantization_config`. End-of-text is also BOS and padding: our
+    tokenizer has no BOS, and training separates documents with EOS (as GPT-2 does).
+    """
     body = {"format_version": FORMAT_VERSION, "model_type": "fanformer",
-            "model": config.to_dict(), **extra}
+            "architectures": hf.ARCHITECTURES, "auto_map": hf.AUTO_MAP,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+            "bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.eos_id, "tie_word_embeddings": tie_word_embeddings,
+            "vocab_multiple": VOCAB_MULTIPLE, **config.to_dict(), **extra}
     (directory / CONFIG_FILE).write_text(json.dumps(body, indent=2) + "\n")
+    for name in hf.REMOTE_CODE_FILES:
+        shutil.copyfile(hf.SOURCE_DIR / name, directory / name)
 
 
 def save_checkpoint(directory: str | Path, model: FANformer, tokenizer: Tokenizer,
@@ -99,7 +120,8 @@ def save_checkpoint(directory: str | Path, model: FANformer, tokenizer: Tokenize
     with atomic_directory(directory) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         tokenizer.save(tmp)
-        write_config(tmp, model.config, metadata=metadata or {})
+        write_config(tmp, model.config, tokenizer, state["embed.weight"].dtype,
+                     metadata=metadata or {})
         for name, content in (extra_files or {}).items():
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as f:
@@ -123,15 +145,24 @@ def read_json(directory: str | Path, name: str) -> dict[str, Any]:
 
 
 def read_config(directory: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint in format 2 (flat, HF-style) or 1 (nested "model")."""
     body = read_json(directory, CONFIG_FILE)
     path = Path(directory) / CONFIG_FILE
     version = body.get("format_version")
-    if version != FORMAT_VERSION:
+    if version == 1:
+        fields = body.get("model")
+    elif version == FORMAT_VERSION:
+        missing = [name for name in field_names() if name not in body]
+        if missing:
+            raise CheckpointError(f"{path} lacks the model fields {missing}")
+        # the other top-level keys belong to transformers (auto_map, token ids, ...)
+        fields = {name: body[name] for name in field_names()}
+    else:
         raise CheckpointError(
             f"{path} has format_version {version!r}; "
-            f"this version of fanformer reads {FORMAT_VERSION}")
+            f"this version of fanformer reads 1 and {FORMAT_VERSION}")
     try:
-        return ModelConfig.from_dict(body["model"])
+        return ModelConfig.from_dict(fields)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has an invalid model config ({e})") from None
 

@@ -145,14 +145,24 @@ def cast_float_tensors(model: nn.Module, dtype: torch.dtype) -> None:
 def write_quantized(directory: Path, model: FANformer, tokenizer: Tokenizer,
                     qconfig: QuantConfig, metadata: dict | None = None) -> QuantConfig:
     """Write the checkpoint files into an existing (temporary) directory; returns the config
-    with its per-module layout filled in. Tensors are written in the dtype they have."""
+    with its per-module layout filled in. Tensors are written in the dtype they have.
+
+    config.json carries `quantization_config` as transformers reads it (docs/QUANTIZATION.md,
+    "Loading in transformers"): the blocks to swap for GPTQ, the modules to keep for AWQ.
+    """
     qconfig = dataclasses.replace(qconfig, layers=quantized_layers(model))
     state = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model).items()}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     tokenizer.save(directory)
-    write_config(directory, model.config, metadata=metadata or {},
-                 quantization_config={k: v for k, v in qconfig.to_json().items()
-                                      if k != "fanformer"})
+    hf_quant = {k: v for k, v in qconfig.to_json().items() if k != "fanformer"}
+    head_quantized = "lm_head" in qconfig.layers
+    if hf_quant["quant_method"] == "gptq":  # optimum finds no known block list by itself
+        hf_quant["block_name_to_quantize"] = "blocks"
+    elif hf_quant["quant_method"] == "awq":  # AWQ swaps every nn.Linear not listed here
+        hf_quant["modules_to_not_convert"] = [] if head_quantized else ["lm_head"]
+    write_config(directory, model.config, tokenizer, state["embed.weight"].dtype,
+                 tie_word_embeddings=not head_quantized, metadata=metadata or {},
+                 quantization_config=hf_quant)
     qconfig.save(directory)
     return qconfig
 

@@ -67,7 +67,8 @@ def test_save_load_gives_identical_logits(checkpoint_dir, model):
     assert torch.equal(loaded(ids), model(ids))
     assert loaded.lm_head.weight is loaded.embed.weight and not loaded.training
     assert sorted(p.name for p in checkpoint_dir.iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        "config.json", "configuration_fanformer.py", "model.safetensors",
+        "modeling_fanformer.py", "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_bf16_save(tmp_path, tokenizer, model):
@@ -83,11 +84,11 @@ def test_bf16_save(tmp_path, tokenizer, model):
     (lambda d: (d / "config.json").write_text("{not json"), "config.json is not valid JSON"),
     (lambda d: _truncate(d / "model.safetensors"), "model.safetensors is truncated or corrupt"),
     (lambda d: _edit_config(d, format_version=99), "format_version 99"),
-    (lambda d: _edit_config(d, model={"d_model": 64, "bogus": 1}), "unknown ModelConfig keys"),
-    (lambda d: _edit_config(d, model={**_model_cfg(d), "n_layers": 3}),
-     "does not match its config.json: missing"),
-    (lambda d: _edit_config(d, model={**_model_cfg(d), "d_ff": 96}),
-     "does not match its config.json: .* has shape"),
+    (lambda d: _edit_config(d, format_version=1, model={"d_model": 64, "bogus": 1}),
+     "unknown ModelConfig keys"),
+    (lambda d: _edit_config(d, d_model=None), "lacks the model fields \\['d_model'\\]"),
+    (lambda d: _edit_config(d, n_layers=3), "does not match its config.json: missing"),
+    (lambda d: _edit_config(d, d_ff=96), "does not match its config.json: .* has shape"),
 ])
 def test_damaged_checkpoints_fail_with_one_clear_sentence(checkpoint_dir, damage, message):
     damage(checkpoint_dir)
@@ -118,11 +119,8 @@ def _truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-def _model_cfg(d):
-    return json.loads((d / "config.json").read_text())["model"]
-
-
 def _edit_config(d, **changes):
+    """Set keys of config.json; a value of None deletes the key."""
     body = json.loads((d / "config.json").read_text())
     body.update(changes)
-    (d / "config.json").write_text(json.dumps(body))
+    (d / "config.json").write_text(json.dumps({k: v for k, v in body.items() if v is not None}))
