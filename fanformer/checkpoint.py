@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fanformer import hf
@@ -104,7 +105,11 @@ def write_config(directory: Path, config: ModelConfig, tokenizer: Tokenizer,
             "torch_dtype": str(dtype).removeprefix("torch."),
             "bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id,
             "pad_token_id": tokenizer.eos_id, "tie_word_embeddings": tie_word_embeddings,
-            "vocab_multiple": VOCAB_MULTIPLE, **config.to_dict(), **extra}
+            "vocab_multiple": VOCAB_MULTIPLE, **config.to_dict()}
+    clash = sorted(set(body) & set(extra))
+    if clash:
+        raise ValueError(f"write_config: {clash} are written from the model, not from extra")
+    body.update(extra)
     (directory / CONFIG_FILE).write_text(json.dumps(body, indent=2) + "\n")
     for name in hf.REMOTE_CODE_FILES:
         shutil.copyfile(hf.SOURCE_DIR / name, directory / name)
@@ -127,6 +132,34 @@ def save_checkpoint(directory: str | Path, model: FANformer, tokenizer: Tokenize
             with open(tmp / name, mode) as f:
                 f.write(content)
     return Path(directory)
+
+
+def export_checkpoint(source: str | Path, output: str | Path) -> Path:
+    """Write `source` (format 1 or 2, plain or quantized) to a new directory `output` in the
+    current format: config.json rewritten, remote code added, every other file of `source`
+    copied byte for byte (the weights stay bit-identical). Keys of the old config.json that
+    are not model fields (metadata, quantization_config, ...) are carried over."""
+    source, output = Path(source), Path(output)
+    config, tokenizer = read_config(source), load_tokenizer(source)
+    if output.exists():
+        raise CheckpointError(f"{output} already exists; choose a new directory")
+    body = read_json(source, CONFIG_FILE)
+    with safe_open(str(source / WEIGHTS_FILE), "pt") as f:
+        dtype = f.get_slice("embed.weight").get_dtype()
+        tied = not any(name.startswith("lm_head.") for name in f.keys())
+    ours = {"format_version", "model", "model_type", "architectures", "auto_map",
+            "torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id",
+            "tie_word_embeddings", "vocab_multiple", "transformers_version", *field_names()}
+    extra = {k: v for k, v in body.items() if k not in ours}
+    with atomic_directory(output) as tmp:
+        for file in source.iterdir():
+            if file.is_file() and file.name != CONFIG_FILE:
+                shutil.copyfile(file, tmp / file.name)
+        write_config(tmp, config, tokenizer, _SAFETENSORS_DTYPES[dtype], tied, **extra)
+    return output
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def read_json(directory: str | Path, name: str) -> dict[str, Any]:
