@@ -40,7 +40,8 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class FlagParser(argparse.ArgumentParser):
-    """argparse with dash/underscore-insensitive flag names and defaults in --help."""
+    """argparse with dash/underscore-insensitive flag names, defaults in --help, and a bad
+    command line reported in one line (argparse prints the whole usage first)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", DefaultsFormatter)
@@ -51,3 +52,6 @@ class FlagParser(argparse.ArgumentParser):
 
         args = sys.argv[1:] if args is None else args
         return super().parse_known_args(normalize_argv(args), namespace)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -4,46 +4,69 @@ With no arguments it serves the demo model on 127.0.0.1:8000. Whether a checkpoi
 quantized is read from the checkpoint (`quant_config.json`), never guessed from its name.
 SIGTERM (or Ctrl+C) drains (server/drain.py): new requests get 503, running ones get
 `--shutdown_timeout` seconds to finish, then the engine stops and the process exits 0.
-Bad input (a missing checkpoint, a bad flag value) is one line on stderr and exit status 1,
-never a traceback. This module knows the command line and process lifecycle; the routes live
+The port is bound before the model loads, so a taken port fails at once. Every start-up
+failure (a missing checkpoint, a taken port, a bad flag value) is one line on stderr and a
+non-zero exit, never a traceback. Slow clients are timed out and open connections capped
+(server/connections.py). This module knows the command line and process lifecycle; the routes live
 in server/api.py, the batching in server/engine.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 
+from fanformer.flags import FlagParser
+
 API_KEY_ENV = "FANFORMER_API_KEY"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
+logger = logging.getLogger("server")
 
 
 class CLIError(Exception):
     """One line for the user."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {port}")
+    return port
+
+
+def build_parser() -> FlagParser:
     from server.engine import EngineConfig  # the defaults come from the engine's config
 
     engine = EngineConfig()
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         prog="fanformer-serve",
         description="Serve a FANformer checkpoint over an OpenAI-compatible HTTP API "
-                    "(/v1/completions, /v1/chat/completions, /v1/models, /metrics, ...).")
-    p.add_argument("--checkpoint", default=None,
+                    "(/v1/completions, /v1/chat/completions, /v1/models, /metrics, ...). "
+                    "Flags take dashes or underscores; vLLM's names work where the meaning "
+                    "is the same.")
+    p.add_argument("model", nargs="?", default=None, metavar="CHECKPOINT",
                    help="checkpoint directory, plain or quantized (default: the demo model)")
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", default=None,
+                   help="the same, as a flag")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 = all)")
-    p.add_argument("--port", type=int, default=8000, help="port to bind (0 = any free one)")
+    p.add_argument("--port", type=_port, default=8000, help="port to bind (0 = any free one)")
     p.add_argument("--api_key", default=None,
                    help=f"require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV}, "
                         "else no key)")
     p.add_argument("--device", default=engine.device, help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=engine.dtype, choices=DTYPES,
-                   help="weights and activations dtype (auto = bfloat16)")
+    p.add_argument("--dtype", default=engine.dtype, choices=DTYPES + tuple(DTYPE_ALIASES),
+                   help="weights and activations dtype (auto = bfloat16; half = float16, "
+                        "float = float32)")
     p.add_argument("--max_num_seqs", type=int, default=engine.max_num_seqs,
                    help="most sequences in the running batch (= KV cache slots)")
     p.add_argument("--max_model_len", type=int, default=engine.max_model_len,
@@ -61,9 +84,65 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model id clients use (default: the checkpoint directory's name)")
     p.add_argument("--shutdown_timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests get to finish")
-    p.add_argument("--log_level", default="info",
+    p.add_argument("--timeout_keep_alive", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--timeout_headers", type=float, default=10.0,
+                   help="seconds a client gets to send a request's headers (else 408)")
+    p.add_argument("--timeout_body", type=float, default=60.0,
+                   help="seconds a client gets to send a request's body after its headers")
+    p.add_argument("--max_connections", type=int, default=512,
+                   help="open connections at most; beyond it the longest-idle or "
+                        "longest-waiting one is closed (keep it under the file limit, "
+                        "ulimit -n)")
+    p.add_argument("--log_level", "--uvicorn_log_level", dest="log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What the parser cannot check, before anything is loaded."""
+    if args.model and args.checkpoint and args.model != args.checkpoint:
+        raise CLIError(f"two checkpoints given ({args.model} and --checkpoint "
+                       f"{args.checkpoint}); pass one")
+    args.checkpoint = args.checkpoint or args.model
+    args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
+    for flag in ("max_num_seqs", "max_num_batched_tokens", "max_queue_len", "max_connections"):
+        if getattr(args, flag) < 1:
+            raise CLIError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise CLIError(f"--max_model_len must be at least 1, got {args.max_model_len}")
+    if args.kv_cache_gib is not None and args.kv_cache_gib <= 0:
+        raise CLIError(f"--kv_cache_gib must be > 0, got {args.kv_cache_gib}")
+    for flag in ("shutdown_timeout", "timeout_keep_alive", "timeout_headers", "timeout_body"):
+        if not getattr(args, flag) >= 0:
+            raise CLIError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
+        raise CLIError(f"checkpoint directory {args.checkpoint} does not exist")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), before the model loads: a taken port fails in a
+    second, not after a minute of loading. Not listening yet: until the server is up,
+    clients are refused rather than left waiting."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise CLIError(f"cannot listen on {host}:{port}: unknown host ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        hint = {errno.EADDRINUSE: "another process uses it; stop it or choose another --port",
+                errno.EACCES: "ports below 1024 need privileges; choose another --port",
+                errno.EADDRNOTAVAIL: "that address is not on this machine; check --host",
+                }.get(e.errno, "")
+        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror.lower()}"
+                       f"{'; ' + hint if hint else ''}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def load(checkpoint: str | None, device: str, dtype: str):
@@ -76,7 +155,7 @@ def load(checkpoint: str | None, device: str, dtype: str):
         path, name = DEMO_CHECKPOINT, "fanformer-demo"
         if not (path / "config.json").is_file():
             raise CLIError(f"the demo model is not built yet ({path} is missing); "
-                           "pass --checkpoint DIR")
+                           "pass a checkpoint directory")
     else:
         path = Path(checkpoint)
         name = path.resolve().name
@@ -91,20 +170,31 @@ def load(checkpoint: str | None, device: str, dtype: str):
     return model, tokenizer, name
 
 
+def describe_quantization(checkpoint: str | Path) -> str:
+    """"gptq 4-bit, group size 128" or "not quantized", as quant_config.json says."""
+    from fanformer.checkpoint import is_quantized
+    from quant.config import QuantConfig
+
+    if not is_quantized(checkpoint):
+        return "not quantized"
+    qc = QuantConfig.load(checkpoint)
+    group = "per row" if qc.group_size == -1 else f"group size {qc.group_size}"
+    head = "" if qc.lm_head == "none" else f", {qc.lm_head} LM head"
+    return f"{qc.method} {qc.bits}-bit, {group}{head}"
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from fanformer.checkpoint import DEMO_CHECKPOINT
     from server.api import ServerSettings, build_app
+    from server.connections import limits_protocol
     from server.drain import AFTER_ABORT_S, DrainingServer
     from server.engine import AsyncEngine, EngineConfig, LLMEngine
 
-    for flag in ("max_num_seqs", "max_num_batched_tokens", "max_queue_len"):
-        if getattr(args, flag) < 1:
-            raise CLIError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.kv_cache_gib is not None and args.kv_cache_gib <= 0:
-        raise CLIError(f"--kv_cache_gib must be > 0, got {args.kv_cache_gib}")
-    if args.shutdown_timeout < 0:
-        raise CLIError(f"--shutdown_timeout must be >= 0, got {args.shutdown_timeout}")
+    check_args(args)
+    sock = bind(args.host, args.port)
+    port = sock.getsockname()[1]
     model, tokenizer, name = load(args.checkpoint, args.device, args.dtype)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                           kv_cache_gib=args.kv_cache_gib,
@@ -112,21 +202,31 @@ def serve(args: argparse.Namespace) -> None:
                           max_queue_len=args.max_queue_len, device=args.device,
                           dtype=args.dtype)
     try:
-        engine = AsyncEngine(LLMEngine(model, tokenizer, config))
+        llm = LLMEngine(model, tokenizer, config)
+        engine = AsyncEngine(llm)
     except ValueError as e:
         raise CLIError(str(e)) from None
+    path = args.checkpoint or DEMO_CHECKPOINT
+    stats = llm.stats()
+    logger.info("loaded %s (%s, %s on %s); KV cache: %d slots x %d tokens = %.1f MiB",
+                path, describe_quantization(path), config.dtype, args.device, stats.num_slots,
+                llm.max_model_len, llm.pool.nbytes / 2**20)
     settings = ServerSettings(
         served_model_name=args.served_model_name or name,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         cors_origins=tuple(args.cors_origins), shutdown_timeout=args.shutdown_timeout)
     app = build_app(engine, settings)
-    logging.getLogger("server").info("serving %s as %r on http://%s:%d", args.checkpoint or
-                                     "the demo model", settings.served_model_name, args.host,
-                                     args.port)
+    logger.info("serving %r on http://%s:%d", settings.served_model_name, args.host, port)
     # SIGTERM drains (server/drain.py): new requests get 503 while the running ones finish
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=math.ceil(AFTER_ABORT_S) + 1)
-    DrainingServer(config, app.state.drain).run()
+    uv_config = uvicorn.Config(
+        app, host=args.host, port=port, log_level=args.log_level,
+        timeout_keep_alive=args.timeout_keep_alive,
+        timeout_graceful_shutdown=math.ceil(AFTER_ABORT_S) + 1,
+        http=limits_protocol(args.timeout_headers, args.timeout_body, args.max_connections))
+    server = DrainingServer(uv_config, app.state.drain)
+    server.run(sockets=[sock])
+    if not server.started:
+        raise CLIError("the server failed to start (the log above says why)")
 
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:
