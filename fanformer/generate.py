@@ -11,6 +11,7 @@ we do not.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -25,9 +26,13 @@ GREEDY_BELOW = 1e-5
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
                 top_p: float = 1.0, generator: torch.Generator | None = None,
                 min_p: float = 0.0) -> int:
-    """Pick one token id from `logits` (vocab,); the serving engine draws through this too.
+    """Pick one token id from `logits` (vocab,): the oracle the serving engine's batched
+    sampler is tested against, token for token under the same generator.
 
-    `min_p` drops tokens whose probability is below min_p x the top token's (after top-k/p).
+    Filters, in order: temperature, top-k, top-p (full sort), then `min_p`, which drops
+    tokens whose probability is below min_p x the top token's. The draw is one uniform u
+    from `generator` and the inverse of the kept tokens' cumulative weights taken in token
+    id order: exact sampling that needs no sort and that a batched sampler can reproduce.
     """
     if temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
@@ -42,11 +47,19 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
         # always stays (a top_p that rounds to 0 in float32, e.g. 5e-324, must not drop all)
         drop = probs.cumsum(-1) - probs >= top_p
         drop[0] = False
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if min_p > 0:
-        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        # tokens tied with the last one kept stay too: the nucleus must not depend on how
+        # the sort orders equal logits (bf16 logits have many)
+        last_kept = sorted_logits[int((~drop).sum()) - 1]
+        logits = logits.masked_fill(logits < last_kept, float("-inf"))
+    if min_p > 0:  # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)
+        logits = logits.masked_fill(logits < logits.max() + math.log(min_p), float("-inf"))
+    weights = torch.exp(logits - logits.max())  # dropped tokens weigh 0
+    cdf = weights.cumsum(0)
+    total = cdf[-1:]
+    u = torch.rand(1, generator=generator, device=logits.device)
+    # u * total can round up to total; the last kept token must stay reachable
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return int(torch.searchsorted(cdf, target, right=True))
 
 
 @torch.no_grad()

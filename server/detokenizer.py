@@ -22,7 +22,8 @@ class IncrementalDetokenizer:
     """Feed generated token ids one at a time; get back the text that is safe to emit."""
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None,
-                 include_stop_str_in_output: bool = False, skip_special_tokens: bool = True):
+                 include_stop_str_in_output: bool = False, skip_special_tokens: bool = True,
+                 min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.stop = list(stop or [])
         self.include_stop = include_stop_str_in_output
@@ -33,7 +34,11 @@ class IncrementalDetokenizer:
         self.text = ""  # all decided text of the generated tokens
         self.emitted = 0  # characters of `text` handed out so far
         self.stopped = False
-
+        # min_tokens (vLLM semantics): a stop string counts only if it ends in the text of
+        # the min_tokens-th token or later; until then nothing is held back for it
+        self.min_tokens = min_tokens
+        self.num_tokens = 0  # tokens added, hidden ones included
+        self.armed_at: int | None = 0 if min_tokens == 0 else None  # text offset
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
 
@@ -45,6 +50,9 @@ class IncrementalDetokenizer:
         """
         if self.stopped:
             return ""
+        self.num_tokens += 1
+        if self.armed_at is None and self.num_tokens >= self.min_tokens:
+            self.armed_at = len(self.text)
         if visible:
             self.ids.append(token_id)
             window = self._decode(self.ids[self.prefix_offset:])
@@ -68,12 +76,12 @@ class IncrementalDetokenizer:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        if self.stop:
+        if self.stop and self.armed_at is not None:
             # a stop string can only start in the part not yet handed out
             longest = max(len(s) for s in self.stop)
             search_from = max(0, self.emitted - longest + 1)
             hits = [(i, s) for s in self.stop
-                    if (i := self.text.find(s, search_from)) >= 0]
+                    if (i := self._find(s, search_from)) >= 0]
             if hits:
                 index, stop = min(hits)
                 end = index + (len(stop) if self.include_stop else 0)
@@ -82,11 +90,18 @@ class IncrementalDetokenizer:
                 self.emitted = len(self.text)
                 self.stopped = True
                 return out
-        hold = 0 if final else self._held_back()
+        hold = 0 if final or self.armed_at is None else self._held_back()
         end = len(self.text) - hold
         out = self.text[self.emitted:end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         return out
+
+    def _find(self, stop: str, start: int) -> int:
+        """The first occurrence of `stop` from `start` that ends after `armed_at`, or -1."""
+        index = self.text.find(stop, start)
+        while 0 <= index and index + len(stop) <= self.armed_at:
+            index = self.text.find(stop, index + 1)
+        return index
 
     def _held_back(self) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of a stop string."""

@@ -13,15 +13,16 @@ HTTP. server/api.py (through AsyncEngine), server/generate_cli.py and the tests 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from fanformer.tokenizer import Tokenizer
 from server.detokenizer import IncrementalDetokenizer
 from server.kv_cache import KVCachePool, Segment, StepAttention
-from server.sampling import SamplingParams, SamplingState, sample_batch, top_logprobs
-from server.scheduler import Scheduler, SchedulerPlan, Sequence
+from server.request import Request
+from server.sampling import SamplingParams, sample, top_logprobs
+from server.scheduler import Scheduler, SchedulerPlan
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +104,6 @@ class EngineDeadError(EngineError):
     """The engine loop died; no request can be served (HTTP 503)."""
 
 
-@dataclass(eq=False)
-class _RequestState:
-    params: SamplingParams
-    sampler: SamplingState
-    detok: IncrementalDetokenizer
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    sent_first: bool = False
-    stop_ids: set[int] = field(default_factory=set)
-
-
 class LLMEngine:
     """add_request / abort / step; everything runs in the caller's thread."""
 
@@ -181,26 +172,17 @@ class LLMEngine:
         if len(self.scheduler.waiting) >= self.config.max_queue_len:
             raise QueueFullError(f"{len(self.scheduler.waiting)} requests are already "
                                  "waiting; retry later")
-        prompt_ids = list(prompt_ids)
-        seq = Sequence(request_id, prompt_ids, params.max_tokens)
-        eos = self.tokenizer.eos_id
-        sampler = SamplingState.create(params, prompt_ids, seq.output_ids, eos, self.device)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop,
                                        params.include_stop_str_in_output,
-                                       params.skip_special_tokens)
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids.add(eos)
-        seq.data = _RequestState(params, sampler, detok,
-                                 [None] if params.prompt_logprobs is not None else None,
-                                 stop_ids=stop_ids)
-        self.scheduler.add(seq)
+                                       params.skip_special_tokens, params.min_tokens)
+        self.scheduler.add(Request.create(request_id, prompt_ids, params,
+                                          self.tokenizer.eos_id, self.device, detok))
 
     def abort(self, request_id: str) -> None:
         """Finish a request now and free its cache slot; unknown ids are ignored."""
-        seq = self.scheduler.by_id.get(request_id)
-        if seq is not None:
-            self.scheduler.finish(seq, "abort")
+        request = self.scheduler.by_id.get(request_id)
+        if request is not None:
+            self.scheduler.finish(request, "abort")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -225,16 +207,15 @@ class LLMEngine:
     def _forward(self, plan: SchedulerPlan) -> tuple[torch.Tensor, list[list[int]]]:
         """One forward over the plan's tokens -> logits of the rows that need them,
         and for each chunk the indices (into those logits) of its rows."""
-        ids = [c.seq.token_at(c.start + i) for c in plan.chunks for i in range(c.length)]
-        segments = [Segment(c.seq.slot, c.start, c.length) for c in plan.chunks]
+        ids = [c.request.token_at(c.start + i) for c in plan.chunks for i in range(c.length)]
+        segments = [Segment(c.request.slot, c.start, c.length) for c in plan.chunks]
         attention = StepAttention(self.pool, segments)
         wanted: list[int] = []  # batch indices whose logits we compute
         rows: list[list[int]] = []
         offset = 0
         for c in plan.chunks:
-            state: _RequestState = c.seq.data
             chunk_rows = []
-            if state.prompt_logprobs is not None and c.start < len(c.seq.prompt_ids):
+            if c.request.prompt_logprobs is not None and c.start < len(c.request.prompt_ids):
                 chunk_rows = list(range(offset, offset + c.length))  # every prompt position
             elif c.samples:
                 chunk_rows = [offset + c.length - 1]
@@ -258,43 +239,42 @@ class LLMEngine:
     def _postprocess(self, plan: SchedulerPlan, logits: torch.Tensor,
                      rows: list[list[int]]) -> list[RequestOutput]:
         sampling = [(c, r[-1]) for c, r in zip(plan.chunks, rows)
-                    if c.samples and c.seq.data.params.max_tokens > 0]
-        states = [c.seq.data.sampler for c, _ in sampling]
-        tokens = sample_batch(logits[[r for _, r in sampling]], states) if sampling else []
+                    if c.samples and c.request.max_tokens > 0]
+        tokens = sample(logits[[r for _, r in sampling]],
+                        [c.request for c, _ in sampling]) if sampling else []
         token_of = {id(c): t for (c, _), t in zip(sampling, tokens)}
         logprobs = None
-        if any(c.seq.data.params.logprobs is not None or c.seq.data.prompt_logprobs is not None
+        if any(c.request.params.logprobs is not None or c.request.prompt_logprobs is not None
                for c in plan.chunks):
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # (R, vocab), raw model
         outputs = []
         for chunk, chunk_rows in zip(plan.chunks, rows):
-            seq = chunk.seq
-            if seq.finished:
+            request = chunk.request
+            if request.finished:
                 continue
             try:
                 out = self._advance(chunk, chunk_rows, token_of.get(id(chunk)), logprobs)
             except Exception as e:  # noqa: BLE001 - one request fails, the batch goes on
-                logger.exception("request %s failed", seq.request_id)
-                self.scheduler.finish(seq, "error")
-                out = self._output(seq, "", [], None, error=f"{type(e).__name__}: {e}")
+                logger.exception("request %s failed", request.request_id)
+                self.scheduler.finish(request, "error")
+                out = self._output(request, "", [], None, error=f"{type(e).__name__}: {e}")
             if out is not None:
                 outputs.append(out)
         return outputs
 
     def _advance(self, chunk, chunk_rows, token, logprobs) -> RequestOutput | None:
-        seq: Sequence = chunk.seq
-        state: _RequestState = seq.data
-        params = state.params
+        request: Request = chunk.request
+        params = request.params
         if isinstance(token, Exception):
             raise token
-        if state.prompt_logprobs is not None and chunk.start < len(seq.prompt_ids):
-            self._add_prompt_logprobs(seq, chunk, chunk_rows, logprobs)
+        if request.prompt_logprobs is not None and chunk.start < len(request.prompt_ids):
+            self._add_prompt_logprobs(request, chunk, chunk_rows, logprobs)
         if not chunk.samples:
             return None  # a prefill chunk in the middle of the prompt
         if params.max_tokens == 0:  # echo scoring only
-            self.scheduler.finish(seq, "length")
-            return self._output(seq, "", [], None)
-        seq.output_ids.append(token)
+            self.scheduler.finish(request, "length")
+            return self._output(request, "", [], None)
+        request.append(token)
         token_logprobs = None
         if params.logprobs is not None:
             row = chunk_rows[-1]
@@ -302,45 +282,43 @@ class LLMEngine:
                                       torch.tensor([token], device=logprobs.device),
                                       params.logprobs)
             token_logprobs = [TokenLogprob(token, lp, top)]
-        is_stop_id = token in state.stop_ids  # masked by the sampler before min_tokens
+        is_stop_id = token in request.stop_ids  # masked by the sampler before min_tokens
         hide = is_stop_id and not params.include_stop_str_in_output
-        text = state.detok.add_token(token, visible=not hide)
+        text = request.detok.add_token(token, visible=not hide)
         reason = None
-        if state.detok.stopped or is_stop_id:
+        if request.detok.stopped or is_stop_id:
             reason = "stop"
-        elif len(seq.output_ids) >= params.max_tokens:
+        elif len(request.output_ids) >= params.max_tokens:
             reason = "length"
         if reason is not None:
-            if not state.detok.stopped:
-                text += state.detok.flush()
-            self.scheduler.finish(seq, reason)
-        return self._output(seq, text, [token], token_logprobs)
+            if not request.detok.stopped:
+                text += request.detok.flush()
+            self.scheduler.finish(request, reason)
+        return self._output(request, text, [token], token_logprobs)
 
-    def _add_prompt_logprobs(self, seq, chunk, chunk_rows, logprobs) -> None:
+    def _add_prompt_logprobs(self, request, chunk, chunk_rows, logprobs) -> None:
         """Logits at prompt position p score prompt token p + 1."""
-        state: _RequestState = seq.data
-        n_prompt = len(seq.prompt_ids)
+        n_prompt = len(request.prompt_ids)
         targets = [p + 1 for p in range(chunk.start, chunk.start + chunk.length)
                    if p + 1 < n_prompt]
         if not targets:
             return
-        ids = torch.tensor([seq.prompt_ids[t] for t in targets], device=logprobs.device)
+        ids = torch.tensor([request.prompt_ids[t] for t in targets], device=logprobs.device)
         picked = logprobs[chunk_rows[: len(targets)]]
-        for t, (lp, top) in zip(targets, top_logprobs(picked, ids, state.params.prompt_logprobs)):
-            state.prompt_logprobs.append(TokenLogprob(seq.prompt_ids[t], lp, top))
+        for t, (lp, top) in zip(targets, top_logprobs(picked, ids, request.params.prompt_logprobs)):
+            request.prompt_logprobs.append(TokenLogprob(request.prompt_ids[t], lp, top))
 
-    def _output(self, seq: Sequence, text: str, token_ids: list[int],
+    def _output(self, request: Request, text: str, token_ids: list[int],
                 logprobs: list[TokenLogprob] | None, error: str | None = None) -> RequestOutput:
-        state: _RequestState = seq.data
         prompt_logprobs = None
-        if not state.sent_first:
-            state.sent_first = True
-            prompt_logprobs = state.prompt_logprobs
-        if state.params.logprobs is not None and logprobs is None:
+        if not request.sent_first:
+            request.sent_first = True
+            prompt_logprobs = request.prompt_logprobs
+        if request.params.logprobs is not None and logprobs is None:
             logprobs = []
-        return RequestOutput(seq.request_id, text, token_ids, logprobs, seq.prompt_ids,
-                             prompt_logprobs, len(seq.output_ids), seq.finished,
-                             seq.finish_reason, error)
+        return RequestOutput(request.request_id, text, token_ids, logprobs, request.prompt_ids,
+                             prompt_logprobs, len(request.output_ids), request.finished,
+                             request.finish_reason, error)
 
 
 from server.async_engine import AsyncEngine  # noqa: E402,F401 - re-exported for server/api.py

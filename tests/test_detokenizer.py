@@ -104,7 +104,53 @@ def test_engine_applies_stop_strings_and_multibyte_rules(tokenizer):
         outs += step_out
         n = len(seq.output_ids)
         if n < len(ids):
-            seq.data.params.logit_bias = {ids[n]: 100.0}
+            seq.params.logit_bias = {ids[n]: 100.0}
     emitted = "".join(o.text for o in outs)
     assert all("\ufffd" not in o.text for o in outs)
     assert emitted == "wörld 🙂 said: " and outs[-1].finish_reason == "stop"
+
+
+def spell(engine: LLMEngine, text: str, tokenizer, **params) -> list:
+    """Run one request forced (logit_bias) to spell `text`; return its outputs."""
+    ids = tokenizer.encode(text)
+    engine.add_request("r", [1, 2], SamplingParams(max_tokens=len(ids), temperature=0,
+                                                   logit_bias={ids[0]: 100.0}, **params))
+    request = engine.scheduler.by_id["r"]
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+        n = len(request.output_ids)
+        if n < len(ids):
+            request.params.logit_bias = {ids[n]: 100.0}
+    return outs
+
+
+@pytest.mark.parametrize("min_tokens", [0, 3, 8])
+def test_min_tokens_holds_back_stop_strings_as_vllm_does(tokenizer, min_tokens):
+    """A stop string counts only if it ends in the text of the min_tokens-th token or later
+    (vLLM); before that it is ordinary text."""
+    text = "one stop two stop three stop four stop five stop six"
+    ids = tokenizer.encode(text)
+    engine = LLMEngine(make_model(), tokenizer, EngineConfig(dtype="float32", max_num_seqs=2))
+    outs = spell(engine, text, tokenizer, stop=["stop"], min_tokens=min_tokens,
+                 ignore_eos=True)
+    armed_at = len(tokenizer.decode(ids[:max(min_tokens - 1, 0)]))
+    first_stop = min(i for i in range(len(text)) if text.startswith("stop", i)
+                     and i + len("stop") > armed_at)
+    assert "".join(o.text for o in outs) == text[:first_stop]
+    assert outs[-1].finish_reason == "stop" and outs[-1].num_generated_tokens >= min_tokens
+
+
+def test_min_tokens_masks_eos_and_stop_ids(tokenizer):
+    """EOS and stop_token_ids cannot be drawn before min_tokens, even when forced."""
+    engine = LLMEngine(make_model(), tokenizer, EngineConfig(dtype="float32", max_num_seqs=2))
+    eos = tokenizer.eos_id
+    engine.add_request("r", [1, 2], SamplingParams(max_tokens=10, min_tokens=4, temperature=0,
+                                                   stop_token_ids=[5],
+                                                   logit_bias={eos: 100.0, 5: 90.0}))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    tokens = [t for o in outs for t in o.token_ids]
+    assert len(tokens) == 5 and tokens[-1] == eos and eos not in tokens[:4]
+    assert 5 not in tokens[:4] and outs[-1].finish_reason == "stop"

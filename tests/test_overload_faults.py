@@ -93,18 +93,18 @@ POISON_SEED = 666
 
 
 def test_sampling_exception_fails_that_request_alone(roomy, monkeypatch):
-    real_draw = server.sampling._draw
+    real_uniform = server.sampling._row_uniform
 
-    def draw(row, state):
-        if state.params.seed == POISON_SEED and len(state.output_ids) == 3:
+    def uniform(request):
+        if request.params.seed == POISON_SEED and len(request.output_ids) == 3:
             raise RuntimeError("injected sampling fault")
-        return real_draw(row, state)
+        return real_uniform(request)
     healthy = {"model": MODEL, "prompt": "Alice", "max_tokens": 12, "ignore_eos": True,
                "temperature": 0.8, "seed": 1}
     poisoned = {**healthy, "seed": POISON_SEED}
     with httpx.Client(base_url=roomy.url, timeout=60) as http:
         before = [http.post("/v1/completions", json=healthy).json() for _ in range(3)]
-        monkeypatch.setattr(server.sampling, "_draw", draw)
+        monkeypatch.setattr(server.sampling, "_row_uniform", uniform)
 
         def stream_poisoned():
             with http.stream("POST", "/v1/completions", json={**poisoned,

@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import random
 
-from server.scheduler import Scheduler, Sequence
+from server.request import Request
+from server.sampling import SamplingParams
+from server.scheduler import Scheduler
 
 
-def seq(rid: str, prompt_len: int, max_tokens: int = 4) -> Sequence:
-    return Sequence(rid, list(range(1, prompt_len + 1)), max_tokens)
+def seq(rid: str, prompt_len: int, max_tokens: int = 4) -> Request:
+    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens))
 
 
 def run_step(s: Scheduler, token: int = 7):
     """Schedule, mark computed, append a 'sampled' token to every sampling sequence."""
     plan = s.schedule()
-    slots = [c.seq.slot for c in plan.chunks]
+    slots = [c.request.slot for c in plan.chunks]
     assert None not in slots and len(set(slots)) == len(slots), "one slot per sequence"
     s.update(plan)
     for c in plan.chunks:
         if c.samples:
-            c.seq.output_ids.append(token)
-            if len(c.seq.output_ids) >= c.seq.max_tokens:
-                s.finish(c.seq, "length")
+            c.request.output_ids.append(token)
+            if len(c.request.output_ids) >= c.request.max_tokens:
+                s.finish(c.request, "length")
     return plan
 
 
@@ -33,12 +35,12 @@ def test_chunked_prefill_keeps_decodes_running():
     long = seq("long", 20)
     s.add(long)
     plan = run_step(s)
-    assert [(c.seq.request_id, c.length) for c in plan.chunks] == [("a", 1), ("long", 7)]
+    assert [(c.request.request_id, c.length) for c in plan.chunks] == [("a", 1), ("long", 7)]
     plan = run_step(s)
-    assert [(c.seq.request_id, c.length) for c in plan.chunks] == [("a", 1), ("long", 7)]
+    assert [(c.request.request_id, c.length) for c in plan.chunks] == [("a", 1), ("long", 7)]
     assert not plan.chunks[1].samples
     plan = run_step(s)
-    assert [(c.seq.request_id, c.length) for c in plan.chunks] == [("a", 1), ("long", 6)]
+    assert [(c.request.request_id, c.length) for c in plan.chunks] == [("a", 1), ("long", 6)]
     assert plan.chunks[1].samples and long.output_ids == [7]
 
 
@@ -49,10 +51,10 @@ def test_without_chunking_a_prompt_waits_for_room_or_runs_alone():
     run_step(s)
     s.add(seq("b", 20))
     plan = run_step(s)  # b does not fit next to a's decode: only a runs
-    assert [c.seq.request_id for c in plan.chunks] == ["a"]
+    assert [c.request.request_id for c in plan.chunks] == ["a"]
     run_step(s)  # a finishes (3 tokens)
     plan = run_step(s)  # alone, the oversized prompt runs whole
-    assert [(c.seq.request_id, c.length) for c in plan.chunks] == [("b", 20)]
+    assert [(c.request.request_id, c.length) for c in plan.chunks] == [("b", 20)]
 
 
 def test_admission_is_first_come_first_served_and_bounded_by_slots():
@@ -60,7 +62,7 @@ def test_admission_is_first_come_first_served_and_bounded_by_slots():
     for rid in "abc":
         s.add(seq(rid, 5))
     plan = s.schedule()
-    assert [c.seq.request_id for c in plan.chunks] == ["a", "b"]
+    assert [c.request.request_id for c in plan.chunks] == ["a", "b"]
     assert [q.request_id for q in s.waiting] == ["c"] and s.num_free_slots == 0
 
 
@@ -74,7 +76,7 @@ def test_decodes_come_first_sorted_by_slot():
     run_step(s)  # e takes the lowest free slot
     assert s.by_id["e"].slot == 1
     plan = s.schedule()
-    assert [c.seq.slot for c in plan.chunks] == [0, 1, 2, 3]
+    assert [c.request.slot for c in plan.chunks] == [0, 1, 2, 3]
 
 
 def test_abort_frees_the_slot_at_once_and_waiting_requests_can_be_aborted():

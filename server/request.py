@@ -1,0 +1,108 @@
+"""One engine request, the single object the engine, scheduler and sampler share.
+
+A `Request` is built once, when the engine admits it, from the prompt ids and a
+`SamplingParams` that already checked its own ranges. It carries everything a request needs
+from admission to its final output: the ids (prompt and generated), the scheduling progress
+(`num_computed`, `slot`, `finished`), the sampler's state (its own `torch.Generator`, the
+ids that end it, the token history the penalties read) and the incremental detokenizer.
+The scheduler reads only the ids and the progress fields, the sampler only the sampling
+fields, so each stays testable without the other. This module knows no model and no HTTP;
+server/engine.py creates requests, server/scheduler.py and server/sampling.py read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from server.detokenizer import IncrementalDetokenizer
+    from server.sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    # ---- scheduling ----
+    num_computed: int = 0  # tokens whose keys/values are in the cache
+    slot: int | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    # ---- sampling ----
+    generator: torch.Generator | None = None  # None for greedy requests
+    stop_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) and stop_token_ids
+    _seen: torch.Tensor | None = None  # (vocab,) bool: prompt + output ids (repetition)
+    _counts: torch.Tensor | None = None  # (vocab,) fp32: output id counts (presence/freq.)
+    # ---- output ----
+    detok: IncrementalDetokenizer | None = None
+    prompt_logprobs: list | None = None  # filled while prefilling when asked for
+    sent_first: bool = False
+
+    @classmethod
+    def create(cls, request_id: str, prompt_ids: list[int], params: SamplingParams,
+               eos_id: int | None = None, device: torch.device | str = "cpu",
+               detok: IncrementalDetokenizer | None = None) -> Request:
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device)
+            if params.seed is not None:
+                generator.manual_seed(params.seed)
+            else:
+                generator.seed()
+        stop_ids = set(params.stop_token_ids)
+        if eos_id is not None and not params.ignore_eos:
+            stop_ids.add(eos_id)
+        return cls(request_id, list(prompt_ids), params, generator=generator,
+                   stop_ids=frozenset(stop_ids), detok=detok,
+                   prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+
+    # ---- ids and progress ----
+    @property
+    def max_tokens(self) -> int:
+        return self.params.max_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < n else self.output_ids[position - n]
+
+    @property
+    def below_min_tokens(self) -> bool:
+        """min_tokens not reached: EOS, stop ids and stop strings do not end it yet."""
+        return len(self.output_ids) < self.params.min_tokens
+
+    def append(self, token: int) -> None:
+        """Record a generated token (and keep the penalties' history current)."""
+        self.output_ids.append(token)
+        if self._seen is not None:
+            self._seen[token] = True
+        if self._counts is not None:
+            self._counts[token] += 1
+
+    # ---- the penalties' history, built on first use and kept incrementally ----
+    def seen_mask(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """(vocab,) bool: the ids in the prompt or the output so far."""
+        if self._seen is None:
+            self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            ids = self.prompt_ids + self.output_ids
+            self._seen[torch.tensor(ids, dtype=torch.long, device=device)] = True
+        return self._seen
+
+    def output_counts(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """(vocab,) fp32: how often each id was generated so far."""
+        if self._counts is None:
+            ids = torch.tensor(self.output_ids, dtype=torch.long, device=device)
+            self._counts = torch.bincount(ids, minlength=vocab_size)[:vocab_size].float()
+        return self._counts
