@@ -34,7 +34,8 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults in --help, except for flags whose default says nothing (None, False)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False) or "(default" in (action.help or ""):
+        if action.default is None or action.default is False \
+                or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

@@ -1,18 +1,37 @@
 """`fanformer-generate` on the engine: continue one prompt, streaming the text as it comes.
 
 Same flags as the reference loop's CLI (fanformer/generate.py, whose parser and validation
-we reuse) plus --dtype; plain and quantized checkpoints both load. The text goes to stdout
+we reuse) plus --dtype and HF's --max_new_tokens / --min_new_tokens; dashes or underscores
+(fanformer/flags.py); plain and quantized checkpoints both load. The text goes to stdout
 as the engine produces it; bad input is one line on stderr and a non-zero exit. This module
 knows the command line; the work is server/engine.py's.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from fanformer.generate import build_parser, validate_sampling_args
+from fanformer.flags import FlagParser
+from fanformer.generate import build_parser as reference_parser
+from fanformer.generate import validate_sampling_args
 
 PROG = "fanformer-generate"
+
+
+def build_parser() -> FlagParser:
+    """The reference CLI's flags, plus --dtype and HF transformers' names for two of them."""
+    base = reference_parser()
+    p = FlagParser(prog=PROG, description=base.description, parents=[base], add_help=False)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="weights, activations and KV cache dtype (auto = bfloat16)")
+    p.add_argument("--max_new_tokens", dest="max_length", type=int, default=argparse.SUPPRESS,
+                   help="the same as --max_length (HF transformers' name)")
+    p.add_argument("--min_new_tokens", dest="min_length", type=int, default=argparse.SUPPRESS,
+                   help="the same as --min_length (HF transformers' name)")
+    p.add_argument("--model", dest="checkpoint", default=argparse.SUPPRESS,
+                   help="the same as --checkpoint")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,10 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.engine import EngineConfig, EngineError, LLMEngine
     from server.sampling import SamplingParams
 
-    parser = build_parser()
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                        help="weights, activations and KV cache dtype (auto = bfloat16)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     error = validate_sampling_args(args)
     if error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

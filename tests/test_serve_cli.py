@@ -152,3 +152,16 @@ def test_slow_body_is_timed_out_and_logs_name_the_checkpoint(checkpoint_dir):
         _, err = proc.communicate(timeout=60)
     assert f"loaded {checkpoint_dir} (not quantized, float32 on cpu); KV cache: 2 slots x " \
            "128 tokens" in err, err
+
+
+def test_generate_takes_hf_names_and_dashes(checkpoint_dir, capsys):
+    from server.generate_cli import main
+
+    common = ["--model", str(checkpoint_dir), "--prompt", "Alice", "--temperature", "0",
+              "--dtype", "float32"]
+    assert main([*common, "--max_length", "6"]) == 0
+    ours = capsys.readouterr().out
+    assert main([*common, "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == ours
+    assert main([*common, "--max_new_tokens", "3"]) == 0
+    assert capsys.readouterr().out != ours
