@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         idle_deadline = time.monotonic() + 60
         while True:  # aborted requests leave the engine asynchronously
             after = metrics(url)
-            if after["fanformer_num_requests_running"] == 0 or time.monotonic() > idle_deadline:
+            if after["vllm:num_requests_running"] == 0 or time.monotonic() > idle_deadline:
                 break
             time.sleep(0.2)
         health = httpx.get(url + "/health", timeout=10).status_code
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         return after.get(key, 0) - before.get(key, 0)
     warm = [r for t, r in rss if t >= 0.1 * args.duration] or [r for _, r in rss]
     mib = 1024 * 1024
-    finished = {reason: delta(f'fanformer_request_success_total{{finished_reason="{reason}"}}')
+    finished = {reason: delta(f'vllm:request_success_total{{finished_reason="{reason}"}}')
                 for reason in ("stop", "length", "abort", "error")}
     report = {
         "clients": args.clients, "duration_s": round(wall, 1), "sent": tally.sent,
@@ -175,12 +175,12 @@ def main(argv=None) -> int:
                     "middle": round(warm[len(warm) // 2] / mib, 1),
                     "end": round(warm[-1] / mib, 1), "max": round(max(warm) / mib, 1),
                     "every_10s": [round(r / mib) for t, r in rss[::10]]},
-        "idle_after": {"num_requests_running": after["fanformer_num_requests_running"],
-                       "num_requests_waiting": after["fanformer_num_requests_waiting"],
-                       "kv_cache_usage_perc": after["fanformer_kv_cache_usage_perc"],
+        "idle_after": {"num_requests_running": after["vllm:num_requests_running"],
+                       "num_requests_waiting": after["vllm:num_requests_waiting"],
+                       "kv_cache_usage_perc": after["vllm:kv_cache_usage_perc"],
                        "health": health},
         "metrics_finished": finished,
-        "metrics_generation_tokens": delta("fanformer_generation_tokens_total"),
+        "metrics_generation_tokens": delta("vllm:generation_tokens_total"),
         "client_completion_tokens": tally.tokens,
         "metrics_match_clients": finished["stop"] + finished["length"] >= tally.completed
         and finished["stop"] + finished["length"] + finished["abort"] == tally.sent
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     ok = not tally.errors and report["metrics_match_clients"] and health == 200 \
-        and after["fanformer_kv_cache_usage_perc"] == 0
+        and after["vllm:kv_cache_usage_perc"] == 0
     return 0 if ok else 1
 
 

@@ -1,24 +1,40 @@
-"""Prometheus metrics for the HTTP server, in a registry of its own per app.
+"""Prometheus metrics for the HTTP server, under vLLM's names, in a registry of its own per app.
 
-Latencies are measured where users feel them: from the HTTP request's arrival (tokenization
-included) to each engine output, as vLLM does. Names follow vLLM's with our own prefix
-(`fanformer_time_to_first_token_seconds`, `fanformer_num_requests_running`, ...), so the same
-dashboards work with a changed prefix. Gauges are read from the engine's stats at scrape time.
-This module knows nothing about HTTP or pydantic; server/api.py owns one `ServerMetrics`.
+The series vLLM has carry vLLM's names (`vllm:num_requests_running`,
+`vllm:time_to_first_token_seconds`, ...) and its `model_name` label, so vLLM's Grafana
+dashboard and alerts work unchanged; `process_*` series (resident memory, CPU seconds, open
+file descriptors) come from prometheus-client's ProcessCollector. `_created` samples are
+off. Latencies are measured where users feel them: from the HTTP request's arrival
+(tokenization included) to each engine output, as vLLM does. Gauges are read from the
+engine's stats at scrape time. vLLM series this engine cannot feed (queue, prefill and
+inference time need the moment a request is scheduled, which the engine does not report)
+are left out rather than faked. This module knows nothing about HTTP or pydantic;
+server/api.py owns one `ServerMetrics`.
 """
 
 from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-PREFIX = "fanformer_"
+disable_created_metrics()  # a `_created` sample per series is clutter no dashboard reads
+
+PREFIX = "vllm:"
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
                 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_TOKEN_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5))  # vLLM's 1-2-5 steps
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
@@ -29,6 +45,7 @@ class ServerMetrics:
 
     def __init__(self, model_name: str):
         self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)  # process_resident_memory_bytes, _cpu_seconds...
         label = {"model_name": model_name}
 
         def histogram(name, doc, buckets):
@@ -44,17 +61,35 @@ class ServerMetrics:
         self.ttft = histogram("time_to_first_token_seconds",
                               "Time from the request's arrival to its first token.",
                               _LATENCY_BUCKETS)
-        self.itl = histogram("inter_token_latency_seconds",
-                             "Time between consecutive generated tokens of one request.",
-                             _ITL_BUCKETS)
+        # vLLM's newer and older names for the same observations; dashboards use either
+        self.itl = (histogram("inter_token_latency_seconds",
+                              "Time between consecutive generated tokens of one request.",
+                              _ITL_BUCKETS),
+                    histogram("time_per_output_token_seconds",
+                              "The same as inter_token_latency_seconds (vLLM's older name).",
+                              _ITL_BUCKETS))
         self.e2e = histogram("e2e_request_latency_seconds",
                              "Time from the request's arrival to its last token.",
                              _LATENCY_BUCKETS)
+        self.decode = histogram("request_decode_time_seconds",
+                                "Time from a request's first token to its last.",
+                                _LATENCY_BUCKETS)
+        self.request_prompt_tokens = histogram("request_prompt_tokens",
+                                               "Prompt tokens per finished request.",
+                                               _TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram("request_generation_tokens",
+                                                   "Generated tokens per finished request.",
+                                                   _TOKEN_BUCKETS)
         self.running = gauge("num_requests_running", "Requests in the running batch.")
         self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
-        self.kv_usage = gauge("kv_cache_usage_perc", "Share of the KV cache in use (0 to 1).")
+        self.kv_usage = (gauge("kv_cache_usage_perc", "Share of the KV cache in use (0 to 1)."),
+                         gauge("gpu_cache_usage_perc",
+                               "The same as kv_cache_usage_perc (vLLM's older name)."))
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens submitted to the engine.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        # always 0, and there so dashboards show it: a sequence holds its whole KV slot
+        # from admission to the end, so the engine never preempts
+        counter("num_preemptions", "Preemptions (this engine never preempts).")
         finished = Counter(PREFIX + "request_success",
                            "Engine requests finished, by finish reason.",
                            ["model_name", "finished_reason"], registry=registry)
@@ -65,7 +100,8 @@ class ServerMetrics:
         """Copy the engine's gauges (an EngineStats) just before a scrape."""
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
-        self.kv_usage.set(stats.kv_cache_usage)
+        for gauge in self.kv_usage:
+            gauge.set(stats.kv_cache_usage)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -78,12 +114,15 @@ class RequestTimer:
     """The timings of one engine request: call `output()` per engine output, `finish()` once
     (or `discard()` for a request the engine refused, which then counts nowhere)."""
 
-    __slots__ = ("metrics", "arrival", "last", "done", "num_prompt_tokens")
+    __slots__ = ("metrics", "arrival", "first", "last", "done", "num_prompt_tokens",
+                 "prompt_len")
 
     def __init__(self, metrics: ServerMetrics, arrival: float, num_prompt_tokens: int):
         self.metrics = metrics
         self.arrival = arrival
         self.num_prompt_tokens = num_prompt_tokens  # counted once the engine has taken them
+        self.prompt_len = num_prompt_tokens
+        self.first: float | None = None
         self.last: float | None = None
         self.done = False
 
@@ -96,10 +135,12 @@ class RequestTimer:
         now = time.perf_counter()
         if self.last is None:
             self.metrics.ttft.observe(now - self.arrival)
+            self.first = now
         else:  # an output with k tokens after a gap g counts as k gaps of g/k
             gap = (now - self.last) / num_new_tokens
-            for _ in range(num_new_tokens):
-                self.metrics.itl.observe(gap)
+            for histogram in self.metrics.itl:
+                for _ in range(num_new_tokens):
+                    histogram.observe(gap)
         self.last = now
 
     def discard(self) -> None:
@@ -109,6 +150,11 @@ class RequestTimer:
         if self.done:
             return
         self.done = True
-        self.metrics.e2e.observe(time.perf_counter() - self.arrival)
+        m = self.metrics
+        m.e2e.observe(time.perf_counter() - self.arrival)
+        if self.first is not None:
+            m.decode.observe(self.last - self.first)
+        m.request_prompt_tokens.observe(self.prompt_len)
+        m.request_generation_tokens.observe(num_generated_tokens)
         self.metrics.generation_tokens.inc(num_generated_tokens)
         self.metrics.finished[reason if reason in FINISH_REASONS else "error"].inc()

@@ -335,7 +335,7 @@ def test_500_hides_the_stack_trace(srv, monkeypatch):
 
 # ---------------------------------------------------------------- disconnects, concurrency
 def test_disconnect_mid_stream_frees_the_cache(srv):
-    aborted = metric(srv.url, "fanformer_request_success_total", finished_reason="abort")
+    aborted = metric(srv.url, "vllm:request_success_total", finished_reason="abort")
     with httpx.stream("POST", srv.url + "/v1/completions", json={
             "model": MODEL, "prompt": "Alice", "stream": True, "max_tokens": 480,
             "ignore_eos": True}) as r:
@@ -346,9 +346,9 @@ def test_disconnect_mid_stream_frees_the_cache(srv):
     wait_until(lambda: srv.engine.stats().num_running == 0)
     assert srv.engine.stats().num_steps - steps < 240  # aborted, not run to its 480 tokens
     assert srv.engine.stats().kv_cache_usage == 0
-    assert metric(srv.url, "fanformer_request_success_total",
+    assert metric(srv.url, "vllm:request_success_total",
                   finished_reason="abort") == aborted + 1
-    assert metric(srv.url, "fanformer_num_requests_running") == 0
+    assert metric(srv.url, "vllm:num_requests_running") == 0
 
 
 def test_32_concurrent_streams_each_match_alone(srv):
@@ -369,7 +369,36 @@ def test_32_concurrent_streams_each_match_alone(srv):
                                       max_retries=0) as aclient:
             return await asyncio.gather(*(one(aclient, p) for p in prompts))
     assert asyncio.run(all_at_once()) == alone
-    assert metric(srv.url, "fanformer_time_to_first_token_seconds_count") >= 32
+    assert metric(srv.url, "vllm:time_to_first_token_seconds_count") >= 32
+
+
+#: What vLLM's Grafana dashboard (examples/online_serving/prometheus_grafana) and common alerts
+#: query; each must be a series here, labelled with the model name.
+VLLM_DASHBOARD_SERIES = (
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+    "vllm:time_to_first_token_seconds_bucket", "vllm:time_per_output_token_seconds_bucket",
+    "vllm:inter_token_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_bucket",
+    "vllm:request_prompt_tokens_bucket", "vllm:request_generation_tokens_bucket",
+    "vllm:request_success_total", "vllm:num_preemptions_total",
+    "vllm:request_decode_time_seconds_bucket")
+
+
+def test_metrics_carry_vllm_names_and_process_series(srv, client):
+    before = metric(srv.url, "vllm:prompt_tokens_total", model_name=MODEL)
+    generated = metric(srv.url, "vllm:generation_tokens_total", model_name=MODEL)
+    done = metric(srv.url, "vllm:request_success_total", finished_reason="length")
+    usage = client.completions.create(model=MODEL, prompt="Alice was", max_tokens=5,
+                                      extra_body={"ignore_eos": True}).usage
+    assert metric(srv.url, "vllm:prompt_tokens_total") == before + usage.prompt_tokens
+    assert metric(srv.url, "vllm:generation_tokens_total") == generated + 5
+    assert metric(srv.url, "vllm:request_success_total", finished_reason="length") == done + 1
+    for name in VLLM_DASHBOARD_SERIES:
+        metric(srv.url, name, model_name=MODEL)  # raises when absent
+    text = httpx.get(srv.url + "/metrics").text
+    assert "_created" not in text and "fanformer_" not in text
+    for line in ("process_resident_memory_bytes ", "process_cpu_seconds_total "):
+        assert any(x.startswith(line) for x in text.splitlines()), line
 
 
 # ---------------------------------------------------------------- auth, overload
@@ -467,8 +496,8 @@ def test_disconnect_while_queued_leaves_the_queue(small):
     long = {"model": MODEL, "prompt": "Alice", "max_tokens": 500, "ignore_eos": True,
             "stream": True}
     body = json.dumps({**long, "stream": False, "max_tokens": 2}).encode()
-    aborted = metric(small.url, "fanformer_request_success_total", finished_reason="abort")
-    finished = metric(small.url, "fanformer_request_success_total", finished_reason="length")
+    aborted = metric(small.url, "vllm:request_success_total", finished_reason="abort")
+    finished = metric(small.url, "vllm:request_success_total", finished_reason="length")
     with httpx.Client(headers=headers, timeout=60) as http, \
             http.stream("POST", small.url + "/v1/completions", json=long) as running:
         assert running.status_code == 200  # holds the only slot
@@ -479,10 +508,10 @@ def test_disconnect_while_queued_leaves_the_queue(small):
                         KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() +
                         b"\r\n\r\n" + body)
             wait_until(lambda: small.engine.stats().num_waiting == 1)
-        wait_until(lambda: metric(small.url, "fanformer_request_success_total",
+        wait_until(lambda: metric(small.url, "vllm:request_success_total",
                                   finished_reason="abort") == aborted + 1)
         # aborted while still queued: nothing has finished meanwhile (the stream still runs)
-        assert metric(small.url, "fanformer_request_success_total",
+        assert metric(small.url, "vllm:request_success_total",
                       finished_reason="length") == finished
         assert small.engine.stats().num_waiting == 0
     wait_until(lambda: small.engine.stats().num_running == 0)
