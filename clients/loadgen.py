@@ -55,6 +55,8 @@ def request_body(args, i: int) -> dict:
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
+    if args.top_p is not None:
+        body["top_p"] = args.top_p
     if args.ignore_eos:  # a vLLM-style extra: fixed-length outputs
         body["ignore_eos"] = True
     return body
@@ -164,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests in total (default: 4 x concurrency)")
     p.add_argument("--max_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top_p", type=float, default=None, help="sent when given")
     p.add_argument("--prompt", default="Alice was beginning to get very tired of sitting by "
                                        "her sister on the bank")
     p.add_argument("--prompt_ids", type=lambda s: [int(t) for t in s.split(",")], default=None,
