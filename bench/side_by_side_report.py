@@ -137,8 +137,8 @@ def report_markdown(result: dict) -> str:
         "",
         f"- When: {result['started_utc']} to {result['finished_utc']} (UTC); 1-minute load "
         f"average before the points {_fmt(low, 2)}–{_fmt(high, 2)}.",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, shared by the server under load, the idle "
-        f"other server and the load generator; torch {m['torch']} "
+        f"- Machine: {m['cpu']}, {m['cores']} cores, shared by the servers (one under load at a "
+        f"time) and the load generator; torch {m['torch']} "
         f"({m['torch_threads']} threads); environment {m['env'] or 'unset'}.",
         f"- Anchor: {anchor}.",
         f"- Load: {result['protocol']['load_generator']}; {result['protocol']['prompt_len']}-"
@@ -171,7 +171,7 @@ def report_markdown(result: dict) -> str:
                      f"{vs or 'not measured'}.")
     own = [k for k in dict.fromkeys(k[:4] for k in med if k[4] == OURS) if k not in anchored]
     if own:
-        lines += ["", "Our server alone (no anchor serves these):", "",
+        lines += ["", "Our server alone (not compared with llama-server):", "",
                   "| model | variant | mode | streams | tok/s | TTFT / TPOT p50 ms "
                   "| sampled / greedy | target |", "|---|---|---|---:|---:|---:|---:|---|"]
         for model, variant, mode, streams in own:
