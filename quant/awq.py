@@ -77,7 +77,8 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int) ->
     wg = w.reshape(n, groups, group_size)  # (N, G, gs)
     target = torch.einsum("tgk,ngk->tgn", xg, wg)
     org_max = wg.abs().amax(-1, keepdim=True)  # (N, G, 1)
-    best_max, best_err = org_max.clone(), torch.full((n, groups, 1), float("inf"))
+    best_max = org_max.clone()
+    best_err = torch.full((n, groups, 1), float("inf"), device=w.device)
     for i in range(int(CLIP_MAX_SHRINK * CLIP_STEPS)):
         max_val = org_max * (1 - i / CLIP_STEPS)
         clipped = torch.clamp(wg, -max_val, max_val)

@@ -112,10 +112,10 @@ def quantize_blockwise(model: FANformer, ids: torch.Tensor, stage_fn: StageFn,
     (fake-quantized `nn.Linear`s are fine) before it returns.
     """
     model.eval()
-    seq_len = ids.shape[1]
-    positions = torch.arange(seq_len).expand(batch_size, seq_len)
-    with torch.no_grad():
-        xs = [model.embed(chunk).float() for chunk in ids.split(batch_size)]  # (b, T, d) each
+    seq_len, device = ids.shape[1], model.embed.weight.device
+    positions = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
+    with torch.no_grad():  # (b, T, d) each
+        xs = [model.embed(chunk.to(device)).float() for chunk in ids.split(batch_size)]
     bar = tqdm(total=len(model.blocks), desc=desc, unit="block", disable=not show_progress)
     for index, block in enumerate(model.blocks):
         stages = block_stages(block, xs[0][:1, : min(seq_len, 8)], positions[:1, :8],

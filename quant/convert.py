@@ -36,7 +36,7 @@ from fanformer.checkpoint import (
 from fanformer.model import FANformer
 from fanformer.tokenizer import Tokenizer
 from quant.config import LayerSpec, QuantConfig, QuantError
-from quant.layers import AWQLinear, GPTQLinear, Int8Linear, QuantLinear
+from quant.layers import AWQLinear, GPTQLinear, Int8Linear, NF4Linear, QuantLinear
 from quant.packing import pack_awq, pack_gptq
 from quant.rtn import QuantizedWeight
 
@@ -58,8 +58,6 @@ def spec_of(layer: QuantLinear | nn.Module) -> LayerSpec:
                          layer.group_size, layer.input_scale is not None)
     if isinstance(layer, Int8Linear):
         return LayerSpec("int8", layer.in_features, layer.out_features, bias, 8)
-    from quant.int8 import NF4Linear  # bitsandbytes is imported only when nf4 is used
-
     if isinstance(layer, NF4Linear):
         return LayerSpec("nf4", layer.in_features, layer.out_features, bias, 4, 64)
     raise TypeError(f"not a quantized layer: {type(layer).__name__}")
@@ -75,16 +73,14 @@ def empty_layer(spec: LayerSpec, device="meta") -> nn.Module:
                          spec.input_scale, device)
     if spec.format == "int8":
         return Int8Linear(spec.in_features, spec.out_features, spec.bias, device)
-    from quant.int8 import NF4Linear
-
     return NF4Linear(spec.in_features, spec.out_features, spec.bias, device)
 
 
 def gptq_layer(q: QuantizedWeight, bias: torch.Tensor | None, bits: int,
                group_size: int) -> GPTQLinear:
-    """A GPTQLinear holding the GPTQ v1 packing of `q` (real tensors, on CPU)."""
+    """A GPTQLinear holding the GPTQ v1 packing of `q` (on `q`'s device)."""
     k, n = q.codes.shape
-    layer = GPTQLinear(k, n, bias is not None, bits, group_size, device="cpu")
+    layer = GPTQLinear(k, n, bias is not None, bits, group_size, device=q.codes.device)
     for name, tensor in pack_gptq(q.codes, q.zeros, q.scales, q.g_idx, bits).items():
         setattr(layer, name, tensor)
     if bias is not None:
@@ -96,7 +92,8 @@ def awq_layer(q: QuantizedWeight, bias: torch.Tensor | None, group_size: int,
               input_scale: torch.Tensor | None = None) -> AWQLinear:
     """An AWQLinear holding the AutoAWQ GEMM packing of `q`; `input_scale` multiplies x."""
     k, n = q.codes.shape
-    layer = AWQLinear(k, n, bias is not None, group_size, input_scale is not None, "cpu")
+    layer = AWQLinear(k, n, bias is not None, group_size, input_scale is not None,
+                      q.codes.device)
     for name, tensor in pack_awq(q.codes, q.zeros, q.scales).items():
         setattr(layer, name, tensor)
     if input_scale is not None:
@@ -113,10 +110,8 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def quantized_layers(model: nn.Module) -> dict[str, LayerSpec]:
     """The LayerSpec of every quantized module in `model`, by name."""
-    from quant.int8 import NF4Linear
-
     return {name: spec_of(mod) for name, mod in model.named_modules()
-            if isinstance(mod, QuantLinear | NF4Linear)}
+            if isinstance(mod, QuantLinear)}
 
 
 def float_tensors_to(state: dict[str, torch.Tensor], quantized: set[str],

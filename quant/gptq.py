@@ -33,7 +33,7 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 def _inverse_cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 after dampening; retries with more damping."""
     diag_mean = float(torch.diagonal(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     damp = damp_percent
     for _ in range(10):
         try:
@@ -63,13 +63,15 @@ def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, bits: int = 4, group_si
     if static_groups:  # params from the original weights, before any error feedback
         static = [grid_params(w[:, g * group_size:(g + 1) * group_size], bits, sym)
                   for g in range(groups)]
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k)
+    dev = w.device
+    perm = (torch.argsort(torch.diagonal(h), descending=True) if act_order
+            else torch.arange(k, device=dev))
     w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_cholesky(h, damp_percent)
 
-    codes = torch.zeros(n, k, dtype=torch.int32)  # in permuted column order
-    scales = torch.zeros(groups, n)
-    zeros = torch.zeros(groups, n, dtype=torch.int32)
+    codes = torch.zeros(n, k, dtype=torch.int32, device=dev)  # in permuted column order
+    scales = torch.zeros(groups, n, device=dev)
+    zeros = torch.zeros(groups, n, dtype=torch.int32, device=dev)
     block = max(BLOCK_COLUMNS // group_size, 1) * group_size  # groups never straddle blocks
     scale = zero = None
     for i1 in range(0, k, block):
@@ -99,9 +101,9 @@ def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, bits: int = 4, group_si
     if static is not None:
         scales = torch.stack([s for s, _ in static])
         zeros = torch.stack([z for _, z in static]).to(torch.int32)
-        g_idx = torch.arange(k, dtype=torch.int32) // group_size
+        g_idx = torch.arange(k, dtype=torch.int32, device=dev) // group_size
     else:  # group j holds the permuted columns j*gs..(j+1)*gs-1
-        g_idx = (torch.arange(k, dtype=torch.int32) // group_size)[inverse]
+        g_idx = (torch.arange(k, dtype=torch.int32, device=dev) // group_size)[inverse]
     return QuantizedWeight(codes=codes.T.contiguous(), zeros=zeros, scales=scales,
                            g_idx=g_idx.to(torch.int32))
 

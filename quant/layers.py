@@ -1,25 +1,36 @@
-"""Drop-in quantized replacements for `nn.Linear`, with fast CPU kernels chosen by batch size.
+"""Drop-in quantized replacements for `nn.Linear`, batch-invariant on CPU.
 
 Each module stores the on-disk tensors of its format as buffers (so `state_dict()` is the
 checkpoint) and builds its kernel tensors lazily on the first forward, never persisting
-them (the aten int4 layout is opaque and machine-specific). On CPU (measured in
-docs/BENCHMARKS.md and ../shared/research/quant.md):
+them (the aten int4 layout is opaque and machine-specific); they are rebuilt whenever a
+buffer is reassigned, loaded or moved.
 
-  rows <= SMALL_BATCH_ROWS (decode): PyTorch's weight-only kernels with bf16 activations,
-      `_weight_int4pack_mm_for_cpu` (4-bit, groups of 32..256) or `_weight_int8pack_mm`;
-      they run 2-3x faster than bf16 `F.linear` at one row but lose above ~4 rows.
-  more rows (prefill, batched decode): fbgemm's dynamic int8 `quantized::linear_dynamic`
-      (per-tensor activation quantization, int8 weights), faster than bf16 at every size
-      measured; 4-bit layers requantize their dequantized weight to int8 for it, lazily.
-  anything else (3/8-bit GPTQ groups, odd group sizes, CUDA): the readable reference,
-      dequantize then `F.linear`; `dequantize()` is also what the tests compare against.
+Batch invariance: row i of `layer(x)` is bitwise `layer(x[i:i+1])`, whatever the other
+rows are and however many there are, so a request gives the same tokens alone and in a
+crowd. Each layer therefore computes one way at every row count; which way is fixed by
+its format and size, never by the rows in the call (numbers in docs/QUANTIZATION.md):
+
+  weight-only (layers under W8A8_MIN_WEIGHTS weights): bf16 activations times the stored
+      weights, aten `_weight_int4pack_mm_for_cpu` (4-bit, groups of 32..256),
+      `_weight_int8pack_mm` (int8) or bitsandbytes' nf4 kernel. Their rows never mix
+      (checked by tests/test_quant_layers.py); 2-4x faster than bf16 `F.linear` at 1-4
+      rows, but they slow down in proportion to the rows, so they are kept for small layers.
+  w8a8 (big layers, and formats no weight-only kernel takes): each row quantized to int8
+      on its own absmax grid, an integer GEMM with per-channel int8 weights (4-bit and
+      nf4 weights requantized once), then the row and channel scales. Integer sums are
+      exact, so a row's result cannot depend on the others by construction.
+  other devices (CUDA): the readable reference, dequantized once into x's dtype and
+      cached, then `F.linear`; `dequantize()` is also what the tests compare against.
 
 The modules know their tensors and kernels; they know nothing about models or files.
 """
 
 from __future__ import annotations
 
-import warnings
+import contextlib
+import functools
+import io
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +38,47 @@ from torch import nn
 
 from quant.packing import unpack_awq, unpack_gptq
 
-SMALL_BATCH_ROWS = 4  # at or below: aten weight-only kernels; above: fbgemm dynamic int8
+# Layers with at least this many weights run w8a8 at every row count; smaller ones the
+# weight-only kernels. Read per call, so benchmarks may change it between runs (never while
+# serving: a request's numerics would change mid-stream).
+W8A8_MIN_WEIGHTS = 1 << 18
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
-USE_DYNAMIC_INT8 = True  # the benches flip this to measure the aten kernels alone
+NF4_BLOCK = 64  # bitsandbytes' default blocksize for 4-bit
+
+
+@functools.cache
+def activation_qmax() -> int:
+    """The int8 activation range: +-127, or +-63 (fbgemm's `reduce_range`) on CPUs without
+    VNNI/AMX int8 dot products, whose u8 x s8 pair sums saturate int16 at full range."""
+    return 127 if torch.cpu._is_vnni_supported() else 63
+
+
+def quantize_rows(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> int8 codes (M, K) and fp32 scales (M, 1), each row on its own grid.
+
+    The largest |x| of a row maps to x * (qmax / amax), within an ulp of qmax, so it
+    rounds to qmax and no clamp is needed.
+    """
+    amax = x.abs().amax(-1, keepdim=True).float().clamp_(min=1e-30)  # (M, 1)
+    q = (x * (qmax / amax)).round_().to(torch.int8)  # (M, K)
+    return q, amax / qmax
+
+
+def w8a8_linear(x: torch.Tensor, w8t: torch.Tensor, w_scale: torch.Tensor,
+                qmax: int = 127) -> torch.Tensor:
+    """x (M, K) times int8 weights w8t (K, N) with per-channel scales (N,): fp32 (M, N).
+
+    `torch._int_mm` accumulates in int32, exactly, so the result of a row is the same
+    whatever GEMM blocking the row count selects; the scaling is elementwise.
+    """
+    q, sx = quantize_rows(x, qmax)
+    return torch._int_mm(q, w8t).float().mul_(sx).mul_(w_scale)
+
+
+def per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of w (N, K): codes (N, K) and fp32 scales (N,)."""
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -37,7 +86,7 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """Common forward: pick a kernel by the number of rows, add the bias, keep x's dtype."""
+    """Common forward: the layer's one kernel, the bias, x's dtype kept."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device="meta"):
         super().__init__()
@@ -46,9 +95,9 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", _empty(out_features, torch.float32, device))
         else:
             self.bias = None
-        self._kernels: dict[str, object] = {}
+        self._kernels: dict[object, object] = {}
 
-    # subclasses provide the reference dequantization and the small-batch kernel
+    # subclasses provide the reference dequantization and their weight-only kernel
     def dequantize(self) -> torch.Tensor:
         """The weight (N, K) in fp32 that this layer computes with."""
         raise NotImplementedError
@@ -58,34 +107,41 @@ class QuantLinear(nn.Module):
         `dequantize()` only when the layer has an explicit input scale (AWQ)."""
         return self.dequantize()
 
-    def _small_kernel(self):
-        """A callable x_bf16 (M, K) -> (M, N), or None when no fast kernel fits."""
+    def _weight_only_kernel(self):
+        """A callable x_bf16 (M, K) -> (M, N), or None when no weight-only kernel fits."""
         return None
 
     def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """int8 weight (N, K) and per-row fp32 scales for the fbgemm path."""
-        w = self.stored_weight()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+        """Per-channel int8 weight (N, K) and fp32 scales (N,) for the w8a8 kernel."""
+        return per_channel_int8(self.stored_weight())
 
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return x  # AWQ layers with an explicit input scale multiply it in here
 
+    def kernel_name(self) -> str:
+        """'weight-only' or 'w8a8': what this layer runs on CPU, at every row count."""
+        if self.in_features * self.out_features < W8A8_MIN_WEIGHTS:
+            if self._kernel("weight-only") is not None:
+                return "weight-only"
+        return "w8a8"
+
     # ---- kernels, built lazily and dropped whenever the buffers change ----
-    def _kernel(self, name: str):
+    def _kernel(self, name):
         if name not in self._kernels:
-            if name == "small":
-                self._kernels[name] = self._small_kernel()
-            elif name == "dynamic":
+            if name == "weight-only":
+                self._kernels[name] = self._weight_only_kernel()
+            elif name == "w8a8":
                 w8, scale = self._int8_weight()
-                zeros = torch.zeros(w8.shape[0], dtype=torch.long)
-                with warnings.catch_warnings():  # quantized tensors are deprecated; the op is not
-                    warnings.simplefilter("ignore", UserWarning)
-                    qw = torch._make_per_channel_quantized_tensor(w8, scale.double(), zeros, 0)
-                    self._kernels[name] = torch.ops.quantized.linear_prepack(qw, None)
-            else:  # the reference weight, cached in bf16 (speed of bf16, not smaller)
-                self._kernels[name] = self.stored_weight().to(torch.bfloat16)
+                w8t, scale, qmax = w8.T.contiguous(), scale.float(), activation_qmax()
+                self._kernels[name] = lambda x: w8a8_linear(x, w8t, scale, qmax)
+            else:  # (device, dtype): the reference weight, dequantized once
+                self._kernels[name] = self.stored_weight().to(name[1])
         return self._kernels[name]
+
+    def __setattr__(self, name, value):
+        if name in self.__dict__.get("_buffers", ()):
+            self.__dict__["_kernels"] = {}  # a buffer is replaced: rebuild from the new one
+        super().__setattr__(name, value)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernels = {}
@@ -108,15 +164,14 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = self._prepare_input(x.reshape(-1, self.in_features))  # (M, K)
         if x.device.type != "cpu":
-            y = F.linear(x2, self.stored_weight().to(x2.dtype))
-        elif x2.shape[0] > SMALL_BATCH_ROWS and USE_DYNAMIC_INT8:
-            y = torch.ops.quantized.linear_dynamic(x2.float(), self._kernel("dynamic"), True)
+            y = F.linear(x2, self._kernel((x.device, x2.dtype)))
+        elif self.kernel_name() == "weight-only":
+            y = self._kernel("weight-only")(x2.to(torch.bfloat16).contiguous())
         else:
-            small, xb = self._kernel("small"), x2.to(torch.bfloat16)
-            y = small(xb) if small is not None else F.linear(xb, self._kernel("dense"))
+            y = self._kernel("w8a8")(x2)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        return y.to(x.dtype).reshape(*lead, self.out_features)  # (..., N)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -137,7 +192,7 @@ class Int8Linear(QuantLinear):
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
         n, k = weight.shape
-        layer = cls(k, n, bias is not None, device="cpu")
+        layer = cls(k, n, bias is not None, device=weight.device)
         absmax = weight.detach().float().abs().amax(dim=1).clamp(min=1e-8)
         layer.weight = torch.round(weight.detach().float() * (127 / absmax[:, None])).to(
             torch.int8)
@@ -152,13 +207,14 @@ class Int8Linear(QuantLinear):
     def _int8_weight(self):
         return self.weight, self.SCB / 127
 
-    def _small_kernel(self):
-        if self.weight.data_ptr() % 64 or not self.weight.is_contiguous():
+    def _weight_only_kernel(self):
+        weight = self.weight
+        if weight.data_ptr() % 64 or not weight.is_contiguous():
             # safetensors can hand out tensors at 8-byte offsets; the aten int8 kernel
-            # segfaults on those (measured), so give it its own aligned copy once
-            self.weight = self.weight.contiguous().clone()
+            # segfaults on those (measured), so it gets its own aligned copy
+            weight = weight.contiguous().clone()
         scales = (self.SCB / 127).to(torch.bfloat16)
-        return lambda x: torch.ops.aten._weight_int8pack_mm(x, self.weight, scales)
+        return lambda x: torch.ops.aten._weight_int8pack_mm(x, weight, scales)
 
 
 class _GroupedLinear(QuantLinear):
@@ -168,27 +224,28 @@ class _GroupedLinear(QuantLinear):
     group_size = 128
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """codes (K, N), zeros (G, N), scales (G, N) fp32, g_idx (K,) long."""
+        """codes (K, N), zeros (G, N) int32, scales (G, N) fp32, g_idx (K,) long."""
         raise NotImplementedError
 
     def dequantize(self):
         codes, zeros, scales, g = self.unpacked()
         return ((codes - zeros[g]).float() * scales[g]).T.contiguous()  # (N, K)
 
-    def _small_kernel(self):
+    def _weight_only_kernel(self):
         gs, k, n = self.group_size, self.in_features, self.out_features
         if self.bits != 4 or gs not in INT4_GROUP_SIZES or k % gs:
             return None
         codes, zeros, scales, g = self.unpacked()
+        contiguous = torch.arange(k, device=g.device) // gs
         perm = None
-        if not torch.equal(g, torch.arange(k) // gs):  # act-order: make groups contiguous
+        if not torch.equal(g, contiguous):  # act-order: make groups contiguous
             perm = torch.argsort(g, stable=True)
             codes, g = codes[perm], g[perm]
-            if not torch.equal(g, torch.arange(k) // gs):
+            if not torch.equal(g, contiguous):
                 return None  # groups of unequal size: no aten layout for that
         pad = -n % 16  # the int4 kernel needs N to be a multiple of 16
         codes = F.pad(codes.T, (0, 0, 0, pad)).contiguous()  # (N + pad, K)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         # tinygemm computes (q - 8) * scale + offset; ours is (q - zero) * scale
         offset = (8 - zeros.float()) * scales
         scale_zero = torch.stack([scales, offset], dim=-1)  # (G, N, 2)
@@ -247,7 +304,7 @@ class AWQLinear(_GroupedLinear):
 
     def unpacked(self):
         codes, zeros = unpack_awq(self.qweight, self.qzeros, self.out_features)
-        g = torch.arange(self.in_features) // self.group_size
+        g = torch.arange(self.in_features, device=codes.device) // self.group_size
         return codes, zeros, self.scales.float(), g
 
     def stored_weight(self):
@@ -262,3 +319,57 @@ class AWQLinear(_GroupedLinear):
 
     def extra_repr(self):
         return super().extra_repr() + f", group_size={self.group_size}"
+
+
+def bnb():
+    """Import bitsandbytes quietly (on CPU it logs a harmless 'kernels' hub warning)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        import bitsandbytes
+        import bitsandbytes.functional
+    return bitsandbytes
+
+
+class NF4Linear(QuantLinear):
+    """bitsandbytes 4-bit NormalFloat: `weight` uint8 (N*K/2, 1), `absmax` fp32 per block of
+    64 weights (row-major), `quant_map` fp32 (16,) the NF4 code book. bitsandbytes is
+    imported only when such a layer is built or run."""
+
+    def __init__(self, in_features, out_features, bias=False, device="meta"):
+        super().__init__(in_features, out_features, bias, device)
+        numel = in_features * out_features
+        self.register_buffer("weight", _empty((numel // 2, 1), torch.uint8, device))
+        self.register_buffer("absmax", _empty(-(-numel // NF4_BLOCK), torch.float32, device))
+        self.register_buffer("quant_map", _empty(16, torch.float32, device))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> NF4Linear:
+        n, k = weight.shape
+        packed, state = bnb().functional.quantize_4bit(
+            weight.detach().to(torch.bfloat16).contiguous(), blocksize=NF4_BLOCK,
+            quant_type="nf4")
+        layer = cls(k, n, bias is not None, device=weight.device)
+        layer.weight, layer.absmax, layer.quant_map = packed, state.absmax.float(), state.code
+        if bias is not None:
+            layer.bias = bias.detach().float().clone()
+        return layer
+
+    def _state(self):
+        return bnb().functional.QuantState(
+            absmax=self.absmax, shape=torch.Size([self.out_features, self.in_features]),
+            code=self.quant_map, blocksize=NF4_BLOCK, quant_type="nf4", dtype=torch.bfloat16)
+
+    def dequantize(self):
+        return bnb().functional.dequantize_4bit(self.weight, self._state()).float()
+
+    def _weight_only_kernel(self):
+        """bitsandbytes' fused AVX512-BF16 nf4 kernel, on its repacked CPU layout."""
+        lib = bnb()
+        if self.out_features % 32 or self.in_features % 2:
+            return None
+        try:
+            weight, state = lib.functional._convert_weight_packed_for_cpu(
+                self.weight.clone(), self._state())
+        except (AttributeError, AssertionError, RuntimeError):
+            return None  # an older bitsandbytes or a CPU without the kernel: w8a8
+        return lambda x: lib.matmul_4bit(x, weight, quant_state=state)

@@ -45,35 +45,41 @@ def pack_stream(codes: torch.Tensor, bits: int) -> torch.Tensor:
     length, width = codes.shape
     if length * bits % 32:
         raise ValueError(f"cannot pack {length} {bits}-bit values into whole 32-bit words")
-    c = codes.to(torch.int64)
+    c = codes.to(torch.int64)  # packing is offline: int64 keeps the shifts sign-free
     if int(c.min()) < 0 or int(c.max()) >= 1 << bits:
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
     if 32 % bits == 0:  # whole values per word: shift and add (fast)
-        shifts = torch.arange(0, 32, bits, dtype=torch.int64)[None, :, None]
+        shifts = _arange(0, 32, bits, like=c)[None, :, None]
         words = (c.reshape(length * bits // 32, 32 // bits, width) << shifts).sum(1)
         return _to_int32(words)
-    shifts = torch.arange(bits, dtype=torch.int64)
-    stream = (c[:, None, :] >> shifts[None, :, None]) & 1  # (L, bits, M): bit b of value l
+    stream = (c[:, None, :] >> _arange(0, bits, 1, like=c)[None, :, None]) & 1  # (L, bits, M)
     stream = stream.reshape(length * bits // 32, 32, width)  # (words, 32, M)
-    words = (stream << torch.arange(32, dtype=torch.int64)[None, :, None]).sum(1)  # (words, M)
+    words = (stream << _arange(0, 32, 1, like=c)[None, :, None]).sum(1)  # (words, M)
     return _to_int32(words)
 
 
 def unpack_stream(words: torch.Tensor, bits: int, length: int | None = None) -> torch.Tensor:
-    """Inverse of `pack_stream`: int32 words (W, M) -> int32 codes (W * 32 / bits, M)."""
+    """Inverse of `pack_stream`: int32 words (W, M) -> int32 codes (W * 32 / bits, M).
+
+    Runs in int32 on the words' device: an arithmetic right shift drags the sign bit
+    along, but the mask keeps only the field's own bits, so no int64 copy is needed.
+    """
     _check_bits(bits)
     n_words, width = words.shape
-    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = words.to(torch.int32)
     if 32 % bits == 0:  # whole values per word: shift and mask, no bit expansion (fast)
-        per_word = 32 // bits
-        shifts = torch.arange(0, 32, bits, dtype=torch.int64)[None, :, None]
-        codes = ((w[:, None, :] >> shifts) & ((1 << bits) - 1)).reshape(n_words * per_word,
-                                                                         width)
-        return codes[:length].to(torch.int32)
-    stream = (w[:, None, :] >> torch.arange(32, dtype=torch.int64)[None, :, None]) & 1
+        shifts = _arange(0, 32, bits, like=w)[None, :, None]
+        codes = (w[:, None, :] >> shifts) & ((1 << bits) - 1)  # (W, 32 / bits, M)
+        return codes.reshape(n_words * 32 // bits, width)[:length]
+    stream = (w[:, None, :] >> _arange(0, 32, 1, like=w)[None, :, None]) & 1  # (W, 32, M)
     stream = stream.reshape(n_words * 32 // bits, bits, width)  # (L, bits, M)
-    codes = (stream << torch.arange(bits, dtype=torch.int64)[None, :, None]).sum(1)
-    return codes[:length].to(torch.int32)
+    codes = (stream << _arange(0, bits, 1, like=w)[None, :, None]).sum(1, dtype=torch.int32)
+    return codes[:length]
+
+
+def _arange(start: int, end: int, step: int, like: torch.Tensor) -> torch.Tensor:
+    """Bit positions as a tensor of `like`'s dtype, on `like`'s device."""
+    return torch.arange(start, end, step, dtype=like.dtype, device=like.device)
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -131,16 +137,16 @@ def _pack_awq_words(values: torch.Tensor) -> torch.Tensor:
         raise ValueError("AWQ GEMM packs 4-bit values: they must lie in [0, 15]")
     rows, width = v.shape
     v = v.reshape(rows, width // 8, 8)[:, :, list(AWQ_ORDER)]  # nibble i <- column ORDER[i]
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    return _to_int32((v << shifts).sum(-1))  # (rows, N / 8)
+    return _to_int32((v << _arange(0, 32, 4, like=v)).sum(-1))  # (rows, N / 8)
 
 
 def _unpack_awq_words(words: torch.Tensor, width: int) -> torch.Tensor:
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    nibbles = (w[..., None] >> torch.arange(0, 32, 4, dtype=torch.int64)) & 0xF  # (R, W, 8)
-    inverse = [AWQ_ORDER.index(j) for j in range(8)]
-    values = nibbles[:, :, inverse].reshape(words.shape[0], -1)  # (R, 8 W)
-    return values[:, :width].to(torch.int32).contiguous()
+    w = words.to(torch.int32)
+    # column j of a word sits in nibble AWQ_ORDER.index(j): shift straight to it
+    shifts = torch.tensor([4 * AWQ_ORDER.index(j) for j in range(8)], dtype=torch.int32,
+                          device=w.device)
+    values = (w[..., None] >> shifts) & 0xF  # (R, W, 8): column 8 w + j at [.., w, j]
+    return values.reshape(words.shape[0], -1)[:, :width].contiguous()  # (R, N)
 
 
 def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor,
@@ -153,5 +159,5 @@ def dequantize_awq(tensors: dict[str, torch.Tensor], group_size: int,
                    out_features: int) -> torch.Tensor:
     """The fp32 weight (N, K) that AWQ GEMM tensors stand for (without any input scale)."""
     codes, zeros = unpack_awq(tensors["qweight"], tensors["qzeros"], out_features)
-    g = torch.arange(codes.shape[0]) // group_size
+    g = torch.arange(codes.shape[0], device=codes.device) // group_size
     return ((codes - zeros[g]).float() * tensors["scales"].float()[g]).T.contiguous()

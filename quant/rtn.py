@@ -92,4 +92,5 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int,
     return QuantizedWeight(codes=codes.T.to(torch.int32).contiguous(),
                            zeros=zero[..., 0].T.to(torch.int32).contiguous(),
                            scales=scale[..., 0].T.contiguous(),
-                           g_idx=torch.arange(k, dtype=torch.int32) // group_size)
+                           g_idx=torch.arange(k, dtype=torch.int32, device=w.device)
+                           // group_size)

@@ -1,16 +1,17 @@
 """Packing is lossless and matches the ecosystem's bit order; every quantized layer's fast
-kernels agree with its readable reference (dequantize, then F.linear)."""
+kernels agree with its readable reference (dequantize, then F.linear), never mix rows
+(batch invariance, bitwise), create no tensor on the default device, and build once."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from quant import layers as qlayers
 from quant.convert import awq_layer, gptq_layer
-from quant.int8 import NF4Linear
-from quant.layers import Int8Linear
+from quant.layers import Int8Linear, NF4Linear, bnb
 from quant.packing import (
     dequantize_awq,
     dequantize_gptq,
@@ -106,8 +107,16 @@ def _layers():
     yield "nf4", NF4Linear.from_float(_weight(64, 256), None)
 
 
+@pytest.fixture(params=["weight-only", "w8a8"])
+def kernel(request, monkeypatch):
+    """Run a test under each kernel family: the size threshold moved so that every layer
+    that has a weight-only kernel uses it, or so that every layer runs w8a8."""
+    monkeypatch.setattr(qlayers, "W8A8_MIN_WEIGHTS", 0 if request.param == "w8a8" else 1 << 40)
+    return request.param
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 33])
-def test_kernels_match_reference(rows):
+def test_kernels_match_reference(rows, kernel):
     for name, layer in _layers():
         x = torch.randn(rows, layer.in_features)
         reference = F.linear(x, layer.dequantize())
@@ -115,38 +124,116 @@ def test_kernels_match_reference(rows):
             reference = reference + layer.bias
         y = layer(x)
         err = float((y - reference).norm() / reference.norm())
-        # bf16 activations (small batches) or int8 activations (large batches)
-        assert err < 0.03, f"{name} at {rows} rows: relative error {err:.4f}"
+        # bf16 activations (weight-only) or int8 activations (w8a8)
+        assert err < 0.03, f"{name}, {kernel}, {rows} rows: relative error {err:.4f}"
         assert y.dtype == x.dtype and y.shape == (rows, layer.out_features)
 
 
-def test_small_batch_kernel_is_the_fast_one():
-    """The 4-bit and int8 layers really use aten's packed kernels (not the dense fallback)."""
+def test_each_layer_has_one_kernel_whatever_the_rows():
+    """Weight-only kernels for small layers where the format has one; w8a8 for big layers
+    and for formats without one (3-bit GPTQ); the choice never looks at the input."""
     for name, layer in _layers():
-        if name in ("gptq-3bit",):
-            assert layer._small_kernel() is None
-        else:
-            assert layer._small_kernel() is not None, name
+        expected = "w8a8" if name == "gptq-3bit" else "weight-only"
+        assert layer.kernel_name() == expected, name
+    head = gptq_layer(rtn_quantize(_weight(1024, 256), 4, 64), None, 4, 64)  # 2^18 weights
+    assert head.kernel_name() == "w8a8"
 
 
-def test_dynamic_path_can_be_disabled(monkeypatch):
-    monkeypatch.setattr(qlayers, "USE_DYNAMIC_INT8", False)
+def _int4_head():
+    """An int4 LM head as `--lm_head int4` writes it (symmetric RTN, groups of 64)."""
+    return "int4-head", gptq_layer(rtn_quantize(_weight(96, 128, seed=3), 4, 64), None, 4, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rows_never_mix(kernel, dtype):
+    """Row i of a batch is bitwise the row computed alone, at every batch size: what makes a
+    request's tokens independent of the other requests in the engine's batch."""
+    x = (torch.randn(64, 256, generator=torch.Generator().manual_seed(5)) * 2).to(dtype)
+    x[7] *= 100  # an outlier row must not change the others' activation grids
+    for name, layer in [*_layers(), _int4_head()]:
+        xs = x[:, :layer.in_features]
+        alone = torch.cat([layer(xs[i:i + 1]) for i in range(64)])
+        for rows in (1, 3, 5, 16, 64):
+            assert torch.equal(layer(xs[:rows]), alone[:rows]), (name, kernel, rows)
+
+
+class _Ops(TorchDispatchMode):
+    """Records the dtype and device of every tensor each op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs: list[tuple[str, torch.dtype, torch.device]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((str(func), t.dtype, t.device))
+        return out
+
+
+def test_unpacking_never_widens_to_int64():
+    gptq = gptq_layer(rtn_quantize(_weight(48, 256), 4, 64, sym=False), None, 4, 64)
+    gptq3 = gptq_layer(rtn_quantize(_weight(64, 256), 3, 64), None, 3, 64)
+    awq = awq_layer(rtn_quantize(_weight(48, 256), 4, 64, sym=False), None, 64)
+    with _Ops() as ops:
+        unpack_gptq(gptq.qweight, gptq.qzeros, 4, 48)
+        unpack_gptq(gptq3.qweight, gptq3.qzeros, 3, 64)
+        unpack_awq(awq.qweight, awq.qzeros, 48)
+    assert ops.outputs and not [o for o in ops.outputs if o[1] == torch.int64]
+
+
+def test_no_tensor_is_created_on_the_default_device(kernel):
+    """Kernels and unpacking create their tensors on the input's device: with the default
+    device set to meta, a CPU layer still runs on CPU (a stray `torch.arange(k)` would
+    land on meta and fail), and a layer moved to another device (meta standing in for
+    CUDA here) runs there through its dequantize-once fallback."""
+    layers = [*_layers(), _int4_head()]
+    x = torch.randn(5, 256)
+    expected = [layer(x[:, :layer.in_features]) for _, layer in layers]
+    for (name, layer), want in zip(layers, expected):
+        layer._kernels = {}
+        with torch.device("meta"):
+            got = layer(x[:, :layer.in_features])
+        assert got.device.type == "cpu" and torch.equal(got, want), name
+    for name, layer in layers:
+        if name == "nf4":
+            continue  # bitsandbytes' own dequantize has no meta implementation
+        layer.to("meta")
+        y = layer(torch.empty(3, layer.in_features, device="meta", dtype=torch.bfloat16))
+        assert y.device.type == "meta" and y.shape == (3, layer.out_features), name
+
+
+def test_the_fallback_dequantizes_once_and_rebuilds_when_buffers_change(monkeypatch):
+    calls = []
+    layer = gptq_layer(rtn_quantize(_weight(48, 256), 4, 64), None, 4, 64).to("meta")
+    original = type(layer).dequantize
+    monkeypatch.setattr(type(layer), "dequantize", lambda self: calls.append(1) or
+                        original(self))
+    x = torch.empty(2, 256, device="meta")
+    layer(x)
+    layer(x)
+    assert len(calls) == 1
+    layer.scales = layer.scales * 2  # a buffer replaced: the cache must not serve old weights
+    layer(x)
+    assert len(calls) == 2
+
+
+def test_kernels_follow_replaced_buffers(kernel):
+    """Reassigning a buffer (as AWQ's fold or a reload does) rebuilds the CPU kernels."""
     layer = Int8Linear.from_float(_weight(32, 64))
-    x = torch.randn(40, 64)
-    ref = F.linear(x, layer.dequantize())
-    assert float((layer(x) - ref).norm() / ref.norm()) < 0.01
-    assert "dynamic" not in layer._kernels
+    x = torch.randn(3, 64)
+    before = layer(x)
+    layer.SCB = layer.SCB * 2
+    assert torch.allclose(layer(x), 2 * before, rtol=0.02, atol=1e-3)
 
 
 def test_int8_keys_are_bitsandbytes_compatible():
     """Linear8bitLt loads our int8 tensors (it needs `.to(device)` before load_state_dict)
     and computes the same outputs."""
-    from quant.int8 import _bnb
-
-    bnb = _bnb()
     w = _weight(64, 128)
     ours = Int8Linear.from_float(w)
-    theirs = bnb.nn.Linear8bitLt(128, 64, bias=False, has_fp16_weights=False, threshold=0.0)
+    theirs = bnb().nn.Linear8bitLt(128, 64, bias=False, has_fp16_weights=False, threshold=0.0)
     theirs = theirs.to("cpu")
     theirs.load_state_dict({"weight": ours.weight, "SCB": ours.SCB}, strict=False)
     x = torch.randn(2, 128)
