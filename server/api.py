@@ -278,13 +278,24 @@ def build_app(async_engine, settings: ServerSettings | None = None) -> FastAPI:
                            param="prompt")
         return list(prompt)
 
-    def submissions(prompts_ids: list[list[int]], params, prefix: str) -> list[Submission]:
+    def truncated(body, ids: list[int]) -> list[int]:
         try:
+            return body.truncate(ids, max_model_len)
+        except ValueError as e:
+            raise APIError(400, str(e), param="truncate_prompt_tokens") from None
+
+    def sampling_params(make):
+        """`make()` -> SamplingParams, checked; its ValueError is a 400 naming the field."""
+        try:
+            params = make()
             params.validate(vocab_size)
+            return params
         except ValueError as e:  # "top_p must be in (0, 1], got 1.5": the field comes first
             field_name = str(e).split(" ", 1)[0]
             raise APIError(400, str(e), param=field_name if field_name.isidentifier()
                            else None) from None
+
+    def submissions(prompts_ids: list[list[int]], params, prefix: str) -> list[Submission]:
         subs = []
         for p, ids in enumerate(prompts_ids):
             for k in range(params.n):
@@ -339,19 +350,21 @@ def build_app(async_engine, settings: ServerSettings | None = None) -> FastAPI:
         arrival = time.perf_counter()
         check_model(body.model)
         prompts = body.prompts()
-        prompts_ids = [encode_prompt(p) for p in prompts]
+        prompts_ids = [truncated(body, encode_prompt(p)) for p in prompts]
+        if body.truncate_prompt_tokens is not None:  # echo what the model was given
+            prompts = prompts_ids
         prompt_texts = [p if isinstance(p, str) else tokenizer.decode(p) if body.echo else ""
                         for p in prompts]
-        params = body.to_sampling_params()
         rid = random_id("cmpl")
         model = settings.served_model_name
         states = [ChoiceState(i * body.n + k, prompt_texts[i] if body.echo else "", ids)
                   for i, ids in enumerate(prompts_ids) for k in range(body.n)]
-        if params.max_tokens == 0 and params.prompt_logprobs is None:  # echo only: no engine
+        if body.max_tokens == 0 and not body.wants_prompt_logprobs:  # echo only: no engine
             result = completion_chunks.echo_only(rid, model, states, body.stream,
                                                  body.include_usage, EventSourceResponse)
             return result if body.stream else Response(result.model_dump_json(),
                                                        media_type="application/json")
+        params = sampling_params(body.to_sampling_params)
         subs = submissions(prompts_ids, params, rid)
         fmt = completion_chunks(rid, model, states, token_text, logprobs=body.logprobs,
                                 echo=body.echo, include_usage=body.include_usage,
@@ -365,13 +378,14 @@ def build_app(async_engine, settings: ServerSettings | None = None) -> FastAPI:
         arrival = time.perf_counter()
         check_model(body.model)
         text = tokenizer.apply_chat_template(body.message_dicts(), body.add_generation_prompt)
-        prompt_ids = encode_text(text, "messages")
+        prompt_ids = truncated(body, encode_text(text, "messages"))
         room = max_model_len - len(prompt_ids)
         if room <= 0:
             raise APIError(400, f"This model's maximum context length is {max_model_len} "
                                 f"tokens. However, your messages resulted in {len(prompt_ids)} "
                                 "tokens.", param="messages", code="context_length_exceeded")
-        params = body.to_sampling_params(room, stop_token_ids=[tokenizer.im_end_id])
+        params = sampling_params(lambda: body.to_sampling_params(
+            room, stop_token_ids=[tokenizer.im_end_id]))
         rid = random_id("chatcmpl")
         subs = submissions([prompt_ids], params, rid)
         states = [ChoiceState(k, "", prompt_ids) for k in range(body.n)]

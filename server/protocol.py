@@ -90,6 +90,26 @@ class SamplingFields(OpenAIModel):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, description="keep only the prompt's last k tokens (-1: the last "
+                                 "max_model_len); as vLLM")
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _check_truncate(cls, k):
+        if k == 0:
+            raise ValueError("must be -1 or at least 1, got 0")
+        return k
+
+    def truncate(self, ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt's token ids after `truncate_prompt_tokens` (the last k are kept)."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return ids
+        if k > max_model_len:
+            raise ValueError(f"truncate_prompt_tokens ({k}) is greater than max_model_len "
+                             f"({max_model_len}); choose a smaller value")
+        return ids[-(max_model_len if k == -1 else k):]
 
     @field_validator("stop")
     @classmethod

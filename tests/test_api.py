@@ -372,6 +372,21 @@ def test_32_concurrent_streams_each_match_alone(srv):
     assert metric(srv.url, "vllm:time_to_first_token_seconds_count") >= 32
 
 
+def test_truncate_prompt_tokens_is_honoured(srv, client, tokenizer):
+    ids = tokenizer.encode("Alice was beginning to get very tired of sitting by her sister")
+    tail = client.completions.create(model=MODEL, prompt=ids[-4:], **GREEDY)
+    cut = client.completions.create(model=MODEL, prompt=tokenizer.decode(ids), **GREEDY,
+                                    extra_body={"truncate_prompt_tokens": 4})
+    assert cut.usage.prompt_tokens == 4 and cut.choices[0].text == tail.choices[0].text
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Alice " * 50}], max_tokens=2,
+        extra_body={"truncate_prompt_tokens": 7})
+    assert chat.usage.prompt_tokens == 7
+    with pytest.raises(openai.BadRequestError, match="greater than max_model_len"):
+        client.completions.create(model=MODEL, prompt="Alice", max_tokens=1,
+                                  extra_body={"truncate_prompt_tokens": 100000})
+
+
 #: What vLLM's Grafana dashboard (examples/online_serving/prometheus_grafana) and common alerts
 #: query; each must be a series here, labelled with the model name.
 VLLM_DASHBOARD_SERIES = (

@@ -188,3 +188,15 @@ def test_engine_errors_map_to_statuses():
     bug = engine_error(KeyError("secret detail"), "prompt")
     assert bug.status == 500 and "secret" not in json.dumps(bug.body)
     assert engine_error(GenerationFailed("abort", "aborted"), "prompt").status == 503
+
+
+def test_truncate_prompt_tokens_keeps_the_last_k():
+    ids = list(range(10))
+    assert CompletionRequest(prompt="x").truncate(ids, 8) == ids
+    assert CompletionRequest(prompt="x", truncate_prompt_tokens=3).truncate(ids, 8) == [7, 8, 9]
+    assert CompletionRequest(prompt="x", truncate_prompt_tokens=-1).truncate(ids, 8) == ids[2:]
+    with pytest.raises(ValueError, match="greater than max_model_len"):
+        CompletionRequest(prompt="x", truncate_prompt_tokens=9).truncate(ids, 8)
+    for bad in (0, -2):
+        with pytest.raises(ValidationError):
+            CompletionRequest(prompt="x", truncate_prompt_tokens=bad)
