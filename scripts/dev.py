@@ -6,7 +6,9 @@
 
 Needs only Python 3.10+. It creates `.venv/` next to this repository's pyproject.toml,
 installs the CPU build of torch first (so nothing pulls a multi-GB CUDA build), then the
-project itself in editable mode. It reinstalls only when pyproject.toml changes. Set
+project itself in editable mode. It reinstalls only when pyproject.toml changes (or when
+`test` needs the dev extras that an earlier `serve` did not install); `serve` after `test`
+installs nothing. Set
 FANFORMER_TORCH_INDEX_URL to take torch from another index (e.g. PyTorch's CPU or CUDA
 wheel index, see README "GPU").
 """
@@ -14,6 +16,7 @@ wheel index, see README "GPU").
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -31,12 +34,19 @@ def run(*cmd: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def setup(extras: str) -> None:
+def setup(extras: set[str]) -> None:
+    """Install once; again only when pyproject.toml changes or `extras` were not installed
+    yet (so `serve` after `test` reuses the dev install instead of reinstalling)."""
     if sys.version_info < (3, 10):  # noqa: UP036 - this script may run on an old python3
         sys.exit(f"fanformer needs Python 3.10 or newer, this is {sys.version.split()[0]}")
     stamp = VENV / ".fanformer-installed"
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
-    if stamp.exists() and stamp.read_text() == wanted:
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    try:
+        installed = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        installed = {}
+    have = set(installed.get("extras", [])) if isinstance(installed, dict) else set()
+    if isinstance(installed, dict) and installed.get("pyproject") == digest and extras <= have:
         return
     if not (BIN / "python").exists():
         print(f"creating {VENV}", flush=True)
@@ -44,8 +54,9 @@ def setup(extras: str) -> None:
     pip = [str(BIN / "python"), "-m", "pip", "install", "--disable-pip-version-check"]
     index = os.environ.get("FANFORMER_TORCH_INDEX_URL")
     run(*pip, TORCH, *(["--index-url", index] if index else []))
-    run(*pip, "-e", f".{extras}")
-    stamp.write_text(wanted)
+    wanted = extras | have  # never drop what an earlier command installed
+    run(*pip, "-e", f".[{','.join(sorted(wanted))}]" if wanted else ".")
+    stamp.write_text(json.dumps({"pyproject": digest, "extras": sorted(wanted)}) + "\n")
 
 
 def main() -> int:
@@ -53,7 +64,7 @@ def main() -> int:
         print(__doc__)
         return 2
     command, rest = sys.argv[1], sys.argv[2:]
-    setup("[dev]" if command in ("test", "setup") else "")
+    setup({"dev"} if command in ("test", "setup") else set())
     if command == "setup":
         return 0
     if command == "serve":
