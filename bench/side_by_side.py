@@ -18,16 +18,18 @@ measures every point on one and then the other (which goes first alternates by r
 idle one's CPU use during the other's load is recorded to show it stayed idle. The same load
 generator drives both: the anchor's `load.py` (run by path; clients/loadgen.py where the
 anchors are absent, our server alone). It shares the machine's cores with the servers.
-`--models ... fanformer-92m` adds our figures for that preset (no anchor serves it).
-Checkpoints are built once into --cache (random weights, a byte-level BPE trained on random
-lowercase words so that every one of the vocab's ids is whole text, as the anchor's
-synthetic vocab is; the 4-bit one by `fanformer-quantize --method rtn`). Writes JSON and a
-Markdown file beside it and prints the table (bench/side_by_side_report.py).
+fanformer-92m (in --models by default) gets our figures alone: no anchor serves it.
+Checkpoints are built into --cache, keyed on a hash of the code that writes them: random
+weights, a byte-level BPE trained on random lowercase words so that nearly every id is whole
+text (as in the anchor's synthetic vocab), and the 4-bit one by `fanformer-quantize --method
+rtn`. Writes JSON and a Markdown file beside it and prints the table
+(bench/side_by_side_report.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -54,7 +56,7 @@ from fanformer.model import FANformer
 from fanformer.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = "v1"  # bump when the checkpoints' recipe changes: the cache keys on it
+RECIPE = "v1"  # bump when build_checkpoints' recipe changes: the cache keys on it
 MODES = {"greedy": {"temperature": 0.0}, "sampled": {"temperature": 0.8, "top_p": 0.95}}
 VARIANTS = ("bf16", "4bit")
 GGUF = {"bf16": "f16.gguf", "4bit": "q4_0.gguf"}  # the anchor each of ours is compared with
@@ -120,10 +122,21 @@ def words_tokenizer(vocab_size: int) -> Tokenizer:
                            vocab_size)
 
 
+def code_key(*patterns: str) -> str:
+    """A short hash of the source files that write a checkpoint: a cached checkpoint is
+    reused only while the code that would write it again is unchanged."""
+    h = hashlib.sha256(RECIPE.encode())
+    for path in sorted(f for pattern in patterns for f in ROOT.glob(pattern)):
+        h.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
+    return h.hexdigest()[:10]
+
+
 def build_checkpoints(preset: str, cache: Path) -> dict[str, Path]:
     """{variant: checkpoint dir}: random bf16 weights (seed 0) and its rtn 4-bit version."""
-    base = cache / f"{preset}-random-{RECIPE}"
-    paths = {"bf16": base / "bf16", "4bit": base / "rtn4-g128-head-int8"}
+    plain = code_key("fanformer/*.py")
+    paths = {"bf16": cache / f"{preset}-random-bf16-{plain}",
+             "4bit": cache / f"{preset}-random-rtn4-g128-head-int8-"
+                             f"{code_key('fanformer/*.py', 'quant/*.py')}"}
     if not (paths["bf16"] / "config.json").is_file():
         print(f"building the random {preset} checkpoint in {paths['bf16']}", flush=True)
         config = ModelConfig.from_preset(preset, dropout=0.0)
@@ -160,8 +173,10 @@ def find_llama(args) -> tuple[Path | None, str]:
     if not setup.is_file():
         return None, f"{args.anchors} has no setup.sh (anchors absent)"
     server = args.anchors / "bin" / "llama-server"
-    ready = all((args.anchors_work / "gguf" / g).is_file() for g in GGUF.values())
-    if not ready or subprocess.run([server, "--version"], capture_output=True).returncode != 0:
+    ready = all((args.anchors_work / "gguf" / g).is_file() for g in GGUF.values()) and \
+        server.is_file() and subprocess.run([server, "--version"],
+                                            capture_output=True).returncode == 0
+    if not ready:
         print(f"running {setup} (about a minute; writes {args.anchors_work})", flush=True)
         out = run_checked(["bash", str(setup)], "the anchors' setup.sh",
                           env={**os.environ, "PY": sys.executable,
