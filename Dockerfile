@@ -1,23 +1,33 @@
 # CPU image: fanformer-serve with the demo model on port 8000.
 #   docker build -t fanformer .
+#   docker build -t fanformer --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
 #   docker run --rm -p 8000:8000 fanformer            # then: curl localhost:8000/health
 #   docker run --rm -p 8000:8000 -e FANFORMER_API_KEY=secret fanformer
-#   docker run --rm -p 8000:8000 -v $PWD/ckpt:/ckpt fanformer fanformer-serve --host 0.0.0.0 --checkpoint /ckpt
-# It installs exactly what `pip install .` installs; torch comes first from PyTorch's CPU index
-# (same release as pyproject.toml pins) so that pip does not pull the multi-GB CUDA build.
-FROM python:3.11-slim
+#   docker run --rm -p 8000:8000 -v $PWD/ckpt:/ckpt:ro fanformer fanformer-serve --host 0.0.0.0 /ckpt
+# Layers: torch, then the other dependencies (both read from pyproject.toml, so the pins live
+# in one place), then the source with --no-deps: editing the source rebuilds only the last.
+# torch comes from TORCH_INDEX_URL (PyTorch's CPU index by default) so that pip does not pull
+# the multi-GB CUDA build from PyPI.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+COPY pyproject.toml ./
+RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+open('/tmp/torch.txt', 'w').write('\n'.join(d for d in deps if d.startswith('torch')) + '\n'); \
+open('/tmp/deps.txt', 'w').write('\n'.join(d for d in deps if not d.startswith('torch')) + '\n')" \
+    && pip install -r /tmp/torch.txt --index-url "${TORCH_INDEX_URL}" \
+    && pip install -r /tmp/deps.txt
 
-COPY pyproject.toml README.md ./
+COPY README.md ./
 COPY fanformer ./fanformer
 COPY quant ./quant
 COPY server ./server
-RUN pip install . && useradd --create-home fanformer
+RUN pip install --no-deps . && useradd --create-home fanformer
 
 USER fanformer
 EXPOSE 8000
@@ -26,4 +36,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
 # Exec form: fanformer-serve is PID 1 and gets SIGTERM itself; it drains (new requests get
 # 503, running ones get up to --shutdown_timeout = 30 s, then ~7 s to stop), so stop with
 # `docker stop -t 40`.
+STOPSIGNAL SIGTERM
 CMD ["fanformer-serve", "--host", "0.0.0.0", "--port", "8000"]
