@@ -1,47 +1,93 @@
-"""A quantized checkpoint generates the same tokens through the serving engine as through
-the reference loop (temperature 0), for each CPU kernel family (aten int4, aten int8,
-bitsandbytes nf4, fbgemm dynamic int8 at prefill)."""
+"""Quantized checkpoints through the serving engine: the same tokens as the reference loop,
+alone and in mixed batches, greedy and seeded, for every method and both CPU kernel
+families (weight-only and w8a8), so no request's tokens depend on the other requests."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from fanformer.checkpoint import save_checkpoint
 from fanformer.generate import generate
+from quant import layers as qlayers
 from quant import load_any_checkpoint
 from quant.cli import main
 from server.engine import EngineConfig, LLMEngine
 from server.sampling import SamplingParams
+from tests.conftest import make_model
 
 FAST = ["--calib_samples", "4", "--calib_seq_len", "32", "--eval_tokens", "0", "--quiet"]
-# short prompts keep the LM head at <= 4 rows in both loops (the engine only runs the head
-# on the rows it samples from); the long one runs the blocks' prefill on the fbgemm path
-PROMPTS = [[5], [17, 42, 9], [(7 * i) % 500 + 1 for i in range(40)]]
+PROMPTS = [[5], [17, 42, 9], [(7 * i) % 500 + 1 for i in range(40)], list(range(3, 20))]
+# (method, extra flags, the threshold that picks the kernel family: 1 << 40 keeps every
+# layer with a weight-only kernel on it, 0 sends every layer through w8a8)
+CASES = {
+    "rtn+int8-head": ("rtn", ["--lm_head", "int8"], 1 << 40),
+    "int8": ("int8", [], 1 << 40),
+    "nf4": ("nf4", [], 1 << 40),
+    "gptq+int4-head": ("gptq", ["--group_size", "32", "--lm_head", "int4"], 1 << 40),
+    "awq": ("awq", ["--group_size", "32"], 1 << 40),
+    "gptq+int4-head w8a8": ("gptq", ["--group_size", "32", "--lm_head", "int4"], 0),
+    "nf4 w8a8": ("nf4", [], 0),
+}
 
 
-def _greedy_engine(model, tokenizer, prompt, n):
-    engine = LLMEngine(model, tokenizer, EngineConfig(dtype="bfloat16", max_num_seqs=2,
-                                                      enable_chunked_prefill=False))
-    engine.add_request("a", prompt, SamplingParams(max_tokens=n, temperature=0,
-                                                   ignore_eos=True))
-    out: list[int] = []
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt", make_model(), tokenizer)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def quantized(request, tmp_path_factory, checkpoint):
+    """The case's checkpoint directory, with its kernel family in force."""
+    method, extra, threshold = CASES[request.param]
+    out = tmp_path_factory.mktemp("q") / method
+    assert main(["--method", method, "--checkpoint", str(checkpoint), "--output", str(out),
+                 *FAST, *extra]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qlayers, "W8A8_MIN_WEIGHTS", threshold)
+        yield out
+
+
+def _run(model, tokenizer, requests, dtype, budget=512):
+    """Submit every (prompt, params), step to the end: request id -> generated ids."""
+    engine = LLMEngine(model, tokenizer, EngineConfig(dtype=dtype, max_num_seqs=8,
+                                                      max_num_batched_tokens=budget))
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    out = {rid: [] for rid in requests}
     while engine.has_unfinished():
         for o in engine.step():
-            out += o.token_ids
+            out[o.request_id] += o.token_ids
     return out
 
 
-@pytest.mark.parametrize("method,extra", [("rtn", ["--lm_head", "int8"]),
-                                          ("int8", []), ("nf4", []),
-                                          ("gptq", ["--group_size", "32", "--lm_head", "int4"])])
-def test_engine_matches_reference_loop(tmp_path, checkpoint_dir, tokenizer, method, extra):
-    out = tmp_path / method
-    assert main(["--method", method, "--checkpoint", str(checkpoint_dir), "--output", str(out),
-                 *FAST, *extra]) == 0
-    model, tok = load_any_checkpoint(out, dtype=torch.bfloat16)
-    for prompt in PROMPTS:
-        head_rows_differ = len(prompt) > 4 and "--lm_head" in extra
-        if head_rows_differ:
-            continue  # the reference loop runs a quantized head over every prompt row
-        expected = generate(model, prompt, 10, temperature=0)
-        assert _greedy_engine(model, tok, prompt, 10) == expected, (method, prompt)
+def test_greedy_matches_reference_alone_and_batched(quantized):
+    """fp32 for the unquantized parts: the engine's bf16 attention is not bitwise the
+    reference loop's (true of unquantized models too), which can flip near-ties."""
+    model, tokenizer = load_any_checkpoint(quantized, dtype=torch.float32)
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    expected = [generate(model, p, 10, temperature=0) for p in PROMPTS]
+    for prompt, want in zip(PROMPTS, expected):
+        assert _run(model, tokenizer, {"a": (prompt, greedy)}, "float32")["a"] == want
+    together = _run(model, tokenizer, {str(i): (p, greedy) for i, p in enumerate(PROMPTS)},
+                    "float32", budget=20)
+    assert [together[str(i)] for i in range(len(PROMPTS))] == expected
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_seeded_sampling_alone_equals_in_a_crowd(quantized, dtype):
+    """A seeded request gives the same tokens alone and among other requests whose prefill
+    chunks and decode rows share its steps (the issue: bf16, the serving dtype); in fp32
+    they are also the reference loop's tokens."""
+    model, tokenizer = load_any_checkpoint(quantized, dtype=getattr(torch, dtype))
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=1234,
+                            ignore_eos=True)
+    alone = _run(model, tokenizer, {"x": (PROMPTS[1], params)}, dtype)["x"]
+    others = {f"o{i}": (p, SamplingParams(max_tokens=7, temperature=1.0, seed=i))
+              for i, p in enumerate(PROMPTS)}
+    for budget in (20, 512):  # prefill chunks mixed with decode rows; whole prompts
+        crowd = _run(model, tokenizer, {**others, "x": (PROMPTS[1], params)}, dtype, budget)
+        assert crowd["x"] == alone, budget
+    if dtype == "float32":
+        assert alone == generate(model, PROMPTS[1], 10, temperature=0.9, top_k=50, top_p=0.9,
+                                 generator=torch.Generator().manual_seed(1234))
