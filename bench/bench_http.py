@@ -150,8 +150,9 @@ async def bench_model(checkpoint: Path, args, ids: list[int]) -> tuple[dict, dic
     """The engine in-process and the server in a subprocess, both up at once and idle in
     turn, measured level by level in alternation so that drift in the machine's load hits
     both alike."""
+    from server.async_engine import AsyncEngine
     from server.cli import load
-    from server.engine import AsyncEngine, EngineConfig, LLMEngine
+    from server.engine import EngineConfig, LLMEngine
     from server.sampling import SamplingParams
 
     model, tokenizer, _ = load(str(checkpoint), args.device, args.dtype)

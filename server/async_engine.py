@@ -20,8 +20,10 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from server.outputs import EngineDeadError, EngineStats, QueueFullError, RequestOutput
+
 if TYPE_CHECKING:
-    from server.engine import EngineStats, LLMEngine, RequestOutput
+    from server.engine import LLMEngine
     from server.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -73,8 +75,6 @@ class AsyncEngine:
     # ---- requests ----
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        from server.engine import EngineDeadError, QueueFullError
-
         if self.is_dead:
             raise EngineDeadError("the engine has stopped")
         if not self.is_running:
@@ -174,8 +174,6 @@ class AsyncEngine:
                     self.engine.abort(request_id)
 
     def _deliver_final(self, request_id: str, reason: str, error: str | None) -> None:
-        from server.engine import RequestOutput
-
         queue = self._queues.pop(request_id, None)
         if queue is not None:
             queue.put_nowait(RequestOutput(request_id, "", [], None, [], None, 0, True, reason,

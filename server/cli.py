@@ -188,9 +188,10 @@ def serve(args: argparse.Namespace) -> None:
 
     from fanformer.checkpoint import DEMO_CHECKPOINT
     from server.api import ServerSettings, build_app
+    from server.async_engine import AsyncEngine
     from server.connections import limits_protocol
     from server.drain import AFTER_ABORT_S, DrainingServer
-    from server.engine import AsyncEngine, EngineConfig, LLMEngine
+    from server.engine import EngineConfig, LLMEngine
 
     check_args(args)
     sock = bind(args.host, args.port)

@@ -20,6 +20,15 @@ import torch
 from fanformer.tokenizer import Tokenizer
 from server.detokenizer import IncrementalDetokenizer
 from server.kv_cache import KVCachePool, Segment, StepAttention
+from server.outputs import (  # noqa: F401 - the engine's errors, importable from here
+    EngineDeadError,
+    EngineError,
+    EngineStats,
+    QueueFullError,
+    RequestOutput,
+    RequestTooLongError,
+    TokenLogprob,
+)
 from server.request import Request
 from server.sampling import SamplingParams, sample, top_logprobs
 from server.scheduler import Scheduler, SchedulerPlan
@@ -32,29 +41,6 @@ logger = logging.getLogger(__name__)
 SINGLE_THREAD_MAX_TOKENS = 16
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the top-N alternatives (token id, logprob), best first
-
-
-@dataclass
-class RequestOutput:
-    """One per step that produced something for a request; fields are deltas except totals."""
-
-    request_id: str
-    text: str  # new text since the previous output
-    token_ids: list[int]  # new generated token ids since the previous output
-    logprobs: list[TokenLogprob] | None
-    prompt_token_ids: list[int]
-    prompt_logprobs: list[TokenLogprob | None] | None  # only in the first output
-    num_generated_tokens: int
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
-    error: str | None = None
 
 
 @dataclass
@@ -76,32 +62,6 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, "
                              f"got {self.dtype!r}")
         return DTYPES[self.dtype]
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # share of slots in use, 0..1
-    num_free_slots: int
-    num_slots: int
-    num_steps: int
-
-
-class EngineError(Exception):
-    """Base of the errors the engine raises to its callers."""
-
-
-class QueueFullError(EngineError):
-    """Too many requests are waiting (HTTP 429)."""
-
-
-class RequestTooLongError(EngineError):
-    """prompt + max_tokens does not fit max_model_len (HTTP 400)."""
-
-
-class EngineDeadError(EngineError):
-    """The engine loop died; no request can be served (HTTP 503)."""
 
 
 class LLMEngine:
@@ -320,5 +280,3 @@ class LLMEngine:
                              prompt_logprobs, len(request.output_ids), request.finished,
                              request.finish_reason, error)
 
-
-from server.async_engine import AsyncEngine  # noqa: E402,F401 - re-exported for server/api.py

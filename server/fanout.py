@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from server.engine import RequestOutput
+from server.outputs import RequestOutput
 from server.metrics import ServerMetrics
 from server.openai_format import Submission
 

@@ -19,7 +19,7 @@ import torch
 
 if TYPE_CHECKING:
     from server.detokenizer import IncrementalDetokenizer
-    from server.sampling import SamplingParams
+    from server.sampling_params import SamplingParams
 
 
 @dataclass(eq=False)

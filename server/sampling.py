@@ -17,113 +17,14 @@ server/engine.py calls it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from fanformer.generate import GREEDY_BELOW
+from server.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from server.request import Request
-
-MAX_LOGPROBS = 20
-MAX_N = 16
-
-
-@dataclass
-class SamplingParams:
-    """What one request asks of the sampler and the stop logic (OpenAI/vLLM semantics)."""
-
-    max_tokens: int = 16  # >= 0; 0 only together with prompt_logprobs (echo scoring)
-    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 or -1 = off
-    top_p: float = 1.0  # (0, 1]
-    min_p: float = 0.0  # [0, 1]
-    repetition_penalty: float = 1.0  # > 0; divide positive logits, multiply negative ones
-    presence_penalty: float = 0.0  # [-2, 2]
-    frequency_penalty: float = 0.0  # [-2, 2]
-    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100]
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    n: int = 1  # 1..16; the HTTP layer fans n out into n engine requests
-    logprobs: int | None = None  # top-N alternatives (0..20) per generated token
-    prompt_logprobs: int | None = None  # same for prompt tokens; the first has None
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-
-    def __post_init__(self) -> None:
-        """Raise ValueError naming the first bad field and its valid range: a SamplingParams
-        that exists is valid, except for token ids, which only the engine can check."""
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(message)
-
-        check(isinstance(self.max_tokens, int) and self.max_tokens >= 0,
-              f"max_tokens must be >= 0, got {self.max_tokens}")
-        check(self.max_tokens > 0 or self.prompt_logprobs is not None,
-              "max_tokens must be >= 1 unless prompt_logprobs is set, got 0")
-        check(0 <= self.min_tokens <= max(self.max_tokens, 0),
-              f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
-        check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        check(self.top_k == -1 or self.top_k >= 0,
-              f"top_k must be -1, 0 (off) or >= 1, got {self.top_k}")
-        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
-        check(self.repetition_penalty > 0,
-              f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        check(-2 <= self.presence_penalty <= 2,
-              f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        check(-2 <= self.frequency_penalty <= 2,
-              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        for token, bias in (self.logit_bias or {}).items():
-            check(isinstance(token, int) and token >= 0,
-                  f"logit_bias keys must be token ids >= 0, got {token}")
-            check(-100 <= bias <= 100, f"logit_bias values must be in [-100, 100], got {bias}")
-        check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-              f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
-        check(all(isinstance(s, str) and s for s in self.stop),
-              "stop strings must be non-empty strings")
-        check(1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}], got {self.n}")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            check(value is None or 0 <= value <= MAX_LOGPROBS,
-                  f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
-        check(self.seed is None or isinstance(self.seed, int),
-              f"seed must be an integer, got {self.seed!r}")
-
-    def validate(self, vocab_size: int) -> None:
-        """The one check construction cannot make: token ids inside the model's vocabulary."""
-        for token in self.logit_bias or {}:
-            if token >= vocab_size:
-                raise ValueError(f"logit_bias keys must be token ids in [0, {vocab_size}), "
-                                 f"got {token}")
-        for token in self.stop_token_ids:
-            if token >= vocab_size:
-                raise ValueError(f"stop_token_ids must be token ids in [0, {vocab_size}), "
-                                 f"got {token}")
-
-    @property
-    def greedy(self) -> bool:
-        """Temperatures below GREEDY_BELOW (1e-5, as vLLM) are greedy, in the reference
-        sampler too."""
-        return self.temperature < GREEDY_BELOW
-
-    @property
-    def needs_history(self) -> bool:
-        """Whether the logits depend on the tokens generated so far (penalties)."""
-        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
-                or self.frequency_penalty != 0.0)
-
-    @property
-    def plain_greedy(self) -> bool:
-        """Greedy with nothing that edits the logits: the vectorized argmax fast path."""
-        return self.greedy and not self.needs_history and not self.logit_bias
-
-
 
 _FP32_MAX = torch.finfo(torch.float32).max
 _NEG_INF = float("-inf")
@@ -177,17 +78,17 @@ def _sample_rows(logits: torch.Tensor, requests: list[Request],
         x = x.clone()  # (B, V) fp32, edited in place below
     _edit_logits(x, requests)
     device = x.device
-    tokens = torch.empty(len(requests), dtype=torch.long, device=device)
     greedy = [i for i, r in enumerate(requests) if r.params.greedy]
-    if greedy:
-        g = torch.tensor(greedy, device=device)
-        tokens[g] = torch.argmax(x[g], dim=-1)
-    valid = torch.ones(len(requests), dtype=torch.bool, device=device)
     sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
-    if sampled:
-        s = torch.tensor(sampled, device=device)
-        tokens[s], valid[s] = _draw(x[s], [requests[i].params for i in sampled],
-                                    torch.cat(uniforms))
+    if not greedy:  # the common sampled batch: no gather, no scatter
+        tokens, valid = _draw(x, [r.params for r in requests], torch.cat(uniforms))
+    else:
+        tokens = torch.argmax(x, dim=-1)  # (B,), the sampled rows are overwritten
+        valid = torch.ones(len(requests), dtype=torch.bool, device=device)
+        if sampled:
+            s = torch.tensor(sampled, device=device)
+            tokens[s], valid[s] = _draw(x[s], [requests[i].params for i in sampled],
+                                        torch.cat(uniforms))
     return [t if ok else ValueError("sampling failed: the logits are not finite")
             for t, ok in zip(tokens.tolist(), valid.tolist())]
 
@@ -241,11 +142,15 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor
     top = x.amax(-1, keepdim=True)  # (S, 1): every filter keeps the top token
     weights = torch.exp(x - top)  # (S, V), dropped tokens weigh 0
     nucleus = [i for i, p in enumerate(params) if p.top_p < 1]
-    if nucleus:
+    if len(nucleus) == len(params):  # the common case: every row, in place
+        threshold = _top_p_threshold(x, weights, top, column([p.top_p for p in params]))
+        weights.masked_fill_(x < threshold, 0.0)
+    elif nucleus:
         index = torch.tensor(nucleus, device=device)
-        keep = _top_p_keep(x[index], weights[index], top[index],
-                           column([params[i].top_p for i in nucleus]))
-        weights[index] = weights[index].masked_fill_(~keep, 0.0)
+        sub = x[index]
+        threshold = _top_p_threshold(sub, weights[index], top[index],
+                                     column([params[i].top_p for i in nucleus]))
+        weights[index] = weights[index].masked_fill_(sub < threshold, 0.0)
     if any(p.min_p > 0 for p in params):  # p_i < min_p * p_max <=> x_i < x_max + log(min_p)
         floor = column([math.log(p.min_p) if p.min_p > 0 else _NEG_INF for p in params])
         weights.masked_fill_(x < top + floor, 0.0)
@@ -258,11 +163,11 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor
     return tokens.clamp_(max=x.shape[1] - 1), valid
 
 
-def _top_p_keep(x: torch.Tensor, weights: torch.Tensor, top: torch.Tensor,
-                top_p: torch.Tensor) -> torch.Tensor:
+def _top_p_threshold(x: torch.Tensor, weights: torch.Tensor, top: torch.Tensor,
+                     top_p: torch.Tensor) -> torch.Tensor:
     """x (S, V) fp32 logits (-inf = dropped), their weights exp(x - top), the row maxima
-    (S, 1) and top_p (S, 1) -> (S, V) bool: the nucleus, the tokens whose likelier tokens
-    weigh less than top_p of the total together (the top one always stays).
+    (S, 1) and top_p (S, 1) -> (S, 1): the smallest logit of the nucleus, the tokens whose
+    likelier tokens weigh less than top_p of the total together (the top one always).
 
     A full sort of a 32k vocabulary costs ~3 ms a row on CPU. Instead each row's weights are
     summed into TOP_P_BUCKETS buckets of log-probability; the buckets before the one where
@@ -284,9 +189,12 @@ def _top_p_keep(x: torch.Tensor, weights: torch.Tensor, top: torch.Tensor,
     candidates = torch.topk(x.masked_fill(~on_edge, _NEG_INF), n, dim=-1).values  # (S, n)
     w = torch.exp(candidates - top)
     kept = (before + w.cumsum(-1) - w < target).sum(-1, keepdim=True)  # a prefix of them
+    # buckets fall as logits rise, so every token of an earlier bucket has a larger logit
+    # than any of the boundary bucket's: the nucleus is x >= the smallest logit kept
+    above_edge = torch.nextafter(candidates[:, :1], torch.full_like(top, float("inf")))
     threshold = torch.where(kept > 0, candidates.gather(1, (kept - 1).clamp(min=0)),
-                            float("inf"))
-    return (bucket < edge) | (on_edge & (x >= threshold)) | (x >= top)
+                            above_edge)
+    return torch.minimum(threshold, top)  # (S, 1); the top token always stays
 
 
 def top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int

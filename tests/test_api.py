@@ -24,7 +24,8 @@ import uvicorn
 
 from server.api import ServerSettings, build_app
 from server.drain import DrainingServer
-from server.engine import AsyncEngine, EngineConfig, LLMEngine, RequestOutput
+from server.async_engine import AsyncEngine
+from server.engine import EngineConfig, LLMEngine, RequestOutput
 from tests.conftest import make_model
 
 MODEL = "tiny-test"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fanformer.generate import generate
+from server.async_engine import AsyncEngine
 from server.engine import (
-    AsyncEngine,
     EngineConfig,
     LLMEngine,
     QueueFullError,
