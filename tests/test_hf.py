@@ -68,6 +68,16 @@ def test_every_module_matches_fanformer(tmp_path, tokenizer, preset, overrides):
                                    atol=1e-5, rtol=0, msg=name)
 
 
+def test_int8_and_nf4_checkpoints_refuse_to_load_in_transformers():
+    """transformers skips an unknown quant_method and would load raw codes as weights."""
+    from fanformer.hf.configuration_fanformer import FanformerConfig
+
+    assert FanformerConfig(quantization_config={"quant_method": "gptq"}).n_layers == 12
+    for method in ("int8", "nf4"):
+        with pytest.raises(ValueError, match=f"{method} layers are fanformer's own format"):
+            FanformerConfig(quantization_config={"quant_method": method})
+
+
 def test_the_shipped_remote_code_is_the_package_source():
     for name in hf.REMOTE_CODE_FILES:
         assert filecmp.cmp(hf.SOURCE_DIR / name, DEMO_CHECKPOINT / name, shallow=False), name

@@ -30,6 +30,12 @@ class FanformerConfig(PretrainedConfig):
                  gated_residual=True, dropout=0.1, norm_eps=1e-5, rope_theta=10000.0,
                  vocab_multiple=64, tie_word_embeddings=True, bos_token_id=None,
                  eos_token_id=None, pad_token_id=None, **kwargs):
+        method = (kwargs.get("quantization_config") or {}).get("quant_method")
+        if method in ("int8", "nf4"):  # transformers would skip them and load raw codes
+            raise ValueError(
+                f"this checkpoint's {method} layers are fanformer's own format, which "
+                "transformers cannot load; use fanformer (quant.load_any_checkpoint), or "
+                "quantize with --method gptq or awq (docs/QUANTIZATION.md)")
         self.vocab_size = vocab_size  # tokenizer vocabulary; logits are cut to this width
         self.d_model = d_model
         self.n_layers = n_layers
