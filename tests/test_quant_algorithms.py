@@ -132,3 +132,24 @@ def test_calibration_ids_are_seeded_and_checked(tokenizer_module):
     assert not torch.equal(first, calibration_ids(tokenizer_module, text, 4, 16, seed=4))
     with pytest.raises(QuantError, match="fewer than the 1000 samples"):
         calibration_ids(tokenizer_module, text[:2000], 1000, 64)
+
+
+def test_quantizers_create_their_tensors_on_the_weights_device():
+    """With the default device set to meta, quantizing CPU weights still happens on CPU and
+    gives the same codes (a tensor made without `device=` would land on meta and fail)."""
+    x = _correlated_inputs(n=512, k=128)
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(2)) * 0.05
+    h = hessian(x)
+
+    def run():
+        return (gptq_quantize(w, h, 4, 64, False, 0.01, True, False),
+                gptq_quantize(w, h, 4, 64, True, 0.01, True, True),
+                rtn_quantize(w, 4, 64, sym=False), search_clip(x, w, 4, 64))
+
+    expected = run()
+    with torch.device("meta"):
+        got = run()
+    for want, have in zip(expected[:3], got[:3]):
+        for field in ("codes", "zeros", "scales", "g_idx"):
+            assert torch.equal(getattr(want, field), getattr(have, field)), field
+    assert torch.equal(expected[3], got[3])

@@ -109,3 +109,30 @@ def test_config_validation_messages():
         QuantConfig(method="gptq", bits=5)
     with pytest.raises(QuantError, match="--group_size"):
         QuantConfig(method="rtn", group_size=100)
+
+
+def test_quant_modules_import_one_way():
+    """No import cycle among quant's modules, counting imports inside functions too
+    (convert <-> int8 was one: convert imported NF4Linear from int8 lazily)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "quant"
+    edges = {}
+    for path in package.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("quant."):
+                deps.add(node.module.split(".")[1])
+        edges[path.stem] = deps - {path.stem}
+
+    def reachable(start):
+        seen, todo = set(), [start]
+        while todo:
+            for dep in edges.get(todo.pop(), ()):
+                if dep not in seen:
+                    seen.add(dep)
+                    todo.append(dep)
+        return seen
+
+    assert edges["convert"] and not [m for m in edges if m in reachable(m)]
