@@ -1,0 +1,114 @@
+"""Where the time of one engine decode step goes: forward (and within it the linears),
+sampling, and the rest (scheduling, detokenization, outputs).
+
+For each batch size and sampling mode the engine decodes `batch` requests (64-token prompts,
+random weights, EOS ignored); after the prompts are in, `--steps` decode steps are timed
+one by one, with the forward and the sampler timed inside each step. The linear-only time
+is every leaf linear of the model run once on a (batch, d_in) input in the model's dtype, on
+the engine's thread count for that batch: a step can be no faster than that. Medians; run
+it on an idle machine (`uptime` is printed) and compare figures of one run only.
+
+    .venv/bin/python bench/step_profile.py --preset transformer-64m --batch 1 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from bench_engine import build_model, byte_tokenizer, prompts
+
+import server.engine as engine_module
+from quant.layers import QuantLinear
+from server.engine import SINGLE_THREAD_MAX_TOKENS, EngineConfig, LLMEngine
+from server.sampling import SamplingParams
+
+MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.8, top_p=0.95)}
+
+
+class Timer:
+    """Wraps a callable and records the wall time of each call."""
+
+    def __init__(self, fn):
+        self.fn, self.times = fn, []
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.times.append(time.perf_counter() - start)
+
+
+def linear_only_ms(model, batch: int, dtype: torch.dtype, repeats: int = 20) -> float:
+    leaves = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
+    inputs = [torch.randn(batch, m.in_features, dtype=dtype) for m in leaves]  # (B, d_in)
+    threads = torch.get_num_threads()
+    if batch <= SINGLE_THREAD_MAX_TOKENS:
+        torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            times = []
+            for _ in range(repeats + 3):
+                start = time.perf_counter()
+                for m, x in zip(leaves, inputs):
+                    m(x)
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times[3:]) * 1e3
+
+
+def profile(model, batch: int, mode: str, steps: int) -> dict:
+    engine = LLMEngine(model, byte_tokenizer(), EngineConfig(max_num_seqs=max(batch, 1)))
+    params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, seed=0, **MODES[mode])
+    for i, p in enumerate(prompts(batch, 64, model.config.vocab_size, 0)):
+        engine.add_request(f"r{i}", p, params)
+    while any(r.prefilling for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    forward, sampler = Timer(engine._forward), Timer(engine_module.sample)
+    engine._forward, engine_module.sample = forward, sampler
+    try:
+        step_times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            engine.step()
+            step_times.append(time.perf_counter() - start)
+    finally:
+        engine_module.sample = sampler.fn
+    ms = lambda xs: statistics.median(xs) * 1e3
+    step, fwd, smp = ms(step_times), ms(forward.times), ms(sampler.times)
+    return {"step_ms": step, "forward_ms": fwd, "sampler_ms": smp,
+            "rest_ms": step - fwd - smp, "tok_s": batch / step * 1e3}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="transformer-64m")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--steps", type=int, default=24)
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.preset, dtype)
+    print(f"# {args.preset} {args.dtype}, {torch.get_num_threads()} threads, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("| batch | mode | step ms | forward ms | linears alone ms | sampler ms | rest ms "
+          "| tok/s | linears / step |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for batch in args.batch:
+        linears = linear_only_ms(model, batch, dtype)
+        for mode in MODES:
+            r = profile(model, batch, mode, args.steps)
+            print(f"| {batch} | {mode} | {r['step_ms']:.1f} | {r['forward_ms']:.1f} "
+                  f"| {linears:.1f} | {r['sampler_ms']:.1f} | {r['rest_ms']:.1f} "
+                  f"| {r['tok_s']:.0f} | {linears / r['step_ms']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
