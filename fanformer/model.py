@@ -89,7 +89,8 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k, v = self.q_norm(q), self.k_norm(k), self.v_norm(v)
-        q, k = rope(q, positions), rope(k, positions)
+        qk = rope(torch.cat([q, k], dim=2), positions)  # (B, T, H + n_kv, hd): one rotation
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if kv_cache is None:
             out = F.scaled_dot_product_attention(
