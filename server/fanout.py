@@ -14,9 +14,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from server.outputs import RequestOutput
 from server.metrics import ServerMetrics
 from server.openai_format import Submission
+from server.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import pytest
 import uvicorn
 
 from server.api import ServerSettings, build_app
-from server.drain import DrainingServer
 from server.async_engine import AsyncEngine
+from server.drain import DrainingServer
 from server.engine import EngineConfig, LLMEngine, RequestOutput
 from tests.conftest import make_model
 
