@@ -71,8 +71,11 @@ def profile(model, batch: int, mode: str, steps: int) -> dict:
         engine.step()
     for _ in range(3):
         engine.step()
-    forward, sampler = Timer(engine._forward), Timer(engine_module.sample)
-    engine._forward, engine_module.sample = forward, sampler
+    # the sampler the engine calls (`sample_batch` before engine v2: for before/after runs)
+    name = "sample" if hasattr(engine_module, "sample") else "sample_batch"
+    forward, sampler = Timer(engine._forward), Timer(getattr(engine_module, name))
+    engine._forward = forward
+    setattr(engine_module, name, sampler)
     try:
         step_times = []
         for _ in range(steps):
@@ -80,7 +83,7 @@ def profile(model, batch: int, mode: str, steps: int) -> dict:
             engine.step()
             step_times.append(time.perf_counter() - start)
     finally:
-        engine_module.sample = sampler.fn
+        setattr(engine_module, name, sampler.fn)
     ms = lambda xs: statistics.median(xs) * 1e3
     step, fwd, smp = ms(step_times), ms(forward.times), ms(sampler.times)
     return {"step_ms": step, "forward_ms": fwd, "sampler_ms": smp,

@@ -78,24 +78,25 @@ class StepAttention:
         self.dec_mask: torch.Tensor | None = None
         if n_dec:
             dec = segments[:n_dec]
-            # Batched matmuls are fast only on dense (D, n_kv, S, hd) keys: a strided view
-            # falls back to one small GEMM per (sequence, head). So the decode group reads
-            # either the whole slot range as a view (contiguous slots, span = max_len) or a
-            # dense copy of the filled prefix. The span is rounded up (masked) to a multiple
-            # of SPAN_MULTIPLE, which the bf16 kernels prefer and which makes the view case
-            # common for short contexts.
+            # The decode group reads its keys as a view of the cache when its slots are a
+            # contiguous run (the scheduler hands out slots lowest-first and sorts the
+            # decode rows by slot, so they usually are), else as one gather of the filled
+            # prefix. SDPA's CPU kernel takes the strided view as it is (batched matmuls
+            # would fall back to one small GEMM per sequence and head).
+            # Batch invariance: with the span a multiple of SPAN_MULTIPLE and the mask
+            # always given, a row's output is bitwise the same whatever the group's span
+            # (measured, bf16 and fp32, spans up to 1024); an exact span or a missing mask
+            # changes the kernel's blocking and the last bits.
             longest = max(s.start for s in dec) + 1
             self.dec_span = min(-(-longest // SPAN_MULTIPLE) * SPAN_MULTIPLE, pool.max_len)
             first = dec[0].slot
-            contiguous = all(s.slot == first + i for i, s in enumerate(dec))
-            if contiguous and self.dec_span == pool.max_len:
+            if all(s.slot == first + i for i, s in enumerate(dec)):
                 self.dec_view = slice(first, first + n_dec)
             else:
                 self.dec_index = torch.tensor([s.slot for s in dec], device=device)
-            if any(s.start + 1 != self.dec_span for s in dec):
-                keys = torch.arange(self.dec_span, device=device)
-                last = torch.tensor([s.start for s in dec], device=device)
-                self.dec_mask = (keys[None, :] <= last[:, None])[:, None, None, :]  # (D,1,1,S)
+            keys = torch.arange(self.dec_span, device=device)
+            last = torch.tensor([s.start for s in dec], device=device)
+            self.dec_mask = (keys[None, :] <= last[:, None])[:, None, None, :]  # (D,1,1,S)
         # prefill chunks: (token offset in the batch, slot, start, length, causal mask)
         self.chunks = []
         offset = n_dec
@@ -116,13 +117,16 @@ class StepAttention:
         vc[self.write_slots, :, self.write_pos] = v[0].transpose(0, 1).to(vc.dtype)
         outs = []
         if self.n_dec:
-            if self.dec_view is not None:
-                kd, vd = kc[self.dec_view], vc[self.dec_view]  # (D, n_kv, max_len, hd) views
-            else:
-                # dense (D, n_kv, S, hd) copies; index_select is ~9x faster than kc[index]
-                kd = torch.index_select(kc[:, :, : self.dec_span], 0, self.dec_index)
-                vd = torch.index_select(vc[:, :, : self.dec_span], 0, self.dec_index)
-            outs.append(self._decode_attention(q[0, :, : self.n_dec], kd, vd))
+            span = self.dec_span
+            if self.dec_view is not None:  # (D, n_kv, S, hd) strided views, no copy
+                kd, vd = kc[self.dec_view, :, :span], vc[self.dec_view, :, :span]
+            else:  # dense (D, n_kv, S, hd) copies; index_select is ~9x faster than kc[index]
+                kd = torch.index_select(kc[:, :, :span], 0, self.dec_index)
+                vd = torch.index_select(vc[:, :, :span], 0, self.dec_index)
+            qd = q[0, :, : self.n_dec].transpose(0, 1)[:, :, None]  # (D, H, 1, hd)
+            od = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype),
+                                                attn_mask=self.dec_mask, enable_gqa=True)
+            outs.append(od[:, :, 0].transpose(0, 1)[None])  # (1, H, D, hd)
         for offset, slot, start, length, mask in self.chunks:
             qc = q[:, :, offset: offset + length]  # (1, H, T, hd)
             end = start + length
@@ -135,22 +139,3 @@ class StepAttention:
                                                     enable_gqa=True)
             outs.append(oc)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-
-    def _decode_attention(self, q, k, v):
-        """One query per sequence: q (H, D, hd), k/v (D, n_kv, S, hd) -> (1, H, D, hd).
-
-        Two batched matmuls and a softmax: with one query row, SDPA's CPU flash kernel
-        spends most of its time on blocking and on the mask, not on arithmetic.
-        """
-        heads, batch, hd = q.shape
-        n_kv = k.shape[1]
-        group = heads // n_kv  # query head h reads kv head h // group
-        qg = q.view(n_kv, group, batch, hd).permute(2, 0, 1, 3)  # (D, n_kv, G, hd)
-        scores = torch.matmul(qg, k.transpose(-1, -2).to(q.dtype))  # (D, n_kv, G, S)
-        scores = scores.float() * hd ** -0.5
-        if self.dec_mask is not None:
-            scores.masked_fill_(~self.dec_mask, float("-inf"))  # (D, 1, 1, S) broadcasts
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v.to(q.dtype))  # (D, n_kv, G, hd)
-        return out.permute(1, 2, 0, 3).reshape(1, heads, batch, hd)
-
