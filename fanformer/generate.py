@@ -29,10 +29,14 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     """Pick one token id from `logits` (vocab,): the oracle the serving engine's batched
     sampler is tested against, token for token under the same generator.
 
-    Filters, in order: temperature, top-k, top-p (full sort), then `min_p`, which drops
-    tokens whose probability is below min_p x the top token's. The draw is one uniform u
-    from `generator` and the inverse of the kept tokens' cumulative weights taken in token
-    id order: exact sampling that needs no sort and that a batched sampler can reproduce.
+    Filters, in order: temperature, top-k, top-p, min-p (drops tokens whose probability is
+    below min_p x the top token's). Each token takes two uniforms from `generator`. The
+    first draws from the top-k and min-p filtered distribution by inverting its cumulative
+    weights in token id order (exact, and no sort). With top-p, a drawn token outside the
+    nucleus (the tokens likelier than it weigh top_p or more together) is replaced by a
+    draw from the nucleus with the second uniform: P(t) = q(t) + (1 - Q) q(t) / Q = q(t) / Q
+    for t in the nucleus (mass Q), exactly top-p sampling, while a batched sampler needs
+    the nucleus itself only for the few rows that miss it.
     """
     if temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
@@ -40,26 +44,39 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p; the top token
-        # always stays (a top_p that rounds to 0 in float32, e.g. 5e-324, must not drop all)
-        drop = probs.cumsum(-1) - probs >= top_p
-        drop[0] = False
-        # tokens tied with the last one kept stay too: the nucleus must not depend on how
-        # the sort orders equal logits (bf16 logits have many)
-        last_kept = sorted_logits[int((~drop).sum()) - 1]
-        logits = logits.masked_fill(logits < last_kept, float("-inf"))
+    top = logits.max()
+    weights = torch.exp(logits - top)  # the top-k distribution top-p reads; the top weighs 1
+    kept = weights
     if min_p > 0:  # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)
-        logits = logits.masked_fill(logits < logits.max() + math.log(min_p), float("-inf"))
-    weights = torch.exp(logits - logits.max())  # dropped tokens weigh 0
+        kept = weights.masked_fill(logits < top + math.log(min_p), 0.0)
+    u = torch.rand(2, generator=generator, device=logits.device)
+    token = _inverse_cdf(kept, u[0])
+    if top_p < 1.0:
+        w = weights[token]
+        above = torch.where(weights > w, weights, 0.0).sum()
+        if w < 1 and above >= top_p * weights.sum():  # outside the nucleus
+            token = _inverse_cdf(kept.masked_fill(~_nucleus(logits, top_p), 0.0), u[1])
+    return token
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> int:
+    """The token whose cumulative weight (token id order) first exceeds u x the total."""
     cdf = weights.cumsum(0)
     total = cdf[-1:]
-    u = torch.rand(1, generator=generator, device=logits.device)
     # u * total can round up to total; the last kept token must stay reachable
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     return int(torch.searchsorted(cdf, target, right=True))
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(vocab,) bool: the tokens whose likelier tokens weigh less than top_p together (a
+    full sort); the top one always, and every token tied with the last one kept (the
+    nucleus must not depend on how the sort orders equal logits; bf16 logits have many)."""
+    sorted_logits, _ = torch.sort(logits, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop = probs.cumsum(-1) - probs >= top_p
+    drop[0] = False  # a top_p that rounds to 0 in float32 (5e-324) must not drop all
+    return logits >= sorted_logits[int((~drop).sum()) - 1]
 
 
 @torch.no_grad()

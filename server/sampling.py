@@ -4,9 +4,9 @@
 range raises ValueError naming the field and its valid range, and `validate(vocab_size)`
 adds the one check that needs the model (token ids). `sample` turns one step's logits (one
 row per request that samples this step) into token ids in one batched pass: per-row
-temperature, top-k, top-p, min-p, penalties and logit bias as tensors, top-p without a full
-sort, and a single host sync. Each sampled row draws one uniform from its request's own
-`torch.Generator`, so a seeded request gives the same tokens whatever else is in the batch,
+temperature, top-k, top-p, min-p, penalties and logit bias as tensors, top-p by rejection
+(no sort), and a single host sync. Each sampled row takes two uniforms from its request's
+own `torch.Generator`, so a seeded request gives the same tokens whatever else is in the batch,
 and the same as the reference loop (`fanformer.generate.sample_next`), which the tests use
 as the oracle. Order: logit bias, penalties, min-tokens masking, temperature, top-k, top-p,
 min-p, then the draw (temperature 0 = argmax). Reported logprobs are those of the model's
@@ -34,10 +34,10 @@ TOP_P_BUCKETS = 2048
 TOP_P_SPAN = 40.0  # nats; exp(-40) = 4e-18
 
 
-def _row_uniform(request: Request) -> torch.Tensor:
-    """The request's one uniform for this token, from its own generator: (1,)."""
+def _row_uniforms(request: Request) -> torch.Tensor:
+    """The request's two uniforms for this token, from its own generator: (2,)."""
     generator = request.generator
-    return torch.rand(1, generator=generator, device=generator.device)
+    return torch.rand(2, generator=generator, device=generator.device)
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | Exception]:
@@ -45,18 +45,19 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | Exceptio
     row raised (the engine then finishes that request alone with an error).
 
     One batched pass over the rows in fp32, one host sync at the end. Each sampled row takes
-    exactly one uniform from its request's generator, so a seeded request draws the same
+    exactly two uniforms from its request's generator, so a seeded request draws the same
     tokens alone, in any batch, and in the reference loop (`fanformer.generate.sample_next`).
     """
     if all(r.params.plain_greedy and not (r.below_min_tokens and r.stop_ids)
            for r in requests):  # the common greedy batch: one argmax (fp32 is faster on CPU)
-        return torch.argmax(logits.float(), dim=-1).tolist()
+        # torch.max's indices (the first maximum, as argmax) cost half of argmax on CPU
+        return torch.max(logits.float(), dim=-1).indices.tolist()
     results: list[int | Exception | None] = [None] * len(requests)
     rows, uniforms = [], []
     for i, request in enumerate(requests):  # the per-row part: a failure fails its row alone
         try:
             if not request.params.greedy:
-                uniforms.append(_row_uniform(request))
+                uniforms.append(_row_uniforms(request))
             rows.append(i)
         except Exception as e:  # noqa: BLE001 - one bad request must not kill the batch
             results[i] = e
@@ -81,14 +82,14 @@ def _sample_rows(logits: torch.Tensor, requests: list[Request],
     greedy = [i for i, r in enumerate(requests) if r.params.greedy]
     sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
     if not greedy:  # the common sampled batch: no gather, no scatter
-        tokens, valid = _draw(x, [r.params for r in requests], torch.cat(uniforms))
+        tokens, valid = _draw(x, [r.params for r in requests], torch.stack(uniforms))
     else:
-        tokens = torch.argmax(x, dim=-1)  # (B,), the sampled rows are overwritten
+        tokens = torch.max(x, dim=-1).indices  # (B,), the sampled rows are overwritten
         valid = torch.ones(len(requests), dtype=torch.bool, device=device)
         if sampled:
             s = torch.tensor(sampled, device=device)
             tokens[s], valid[s] = _draw(x[s], [requests[i].params for i in sampled],
-                                        torch.cat(uniforms))
+                                        torch.stack(uniforms))
     return [t if ok else ValueError("sampling failed: the logits are not finite")
             for t, ok in zip(tokens.tolist(), valid.tolist())]
 
@@ -127,40 +128,60 @@ def _edit_logits(x: torch.Tensor, requests: list[Request]) -> None:
 
 def _draw(x: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature, top-k, top-p, min-p, then the inverse-CDF draw in token id order with
-    each row's uniform: x (S, V) fp32, uniforms (S,) -> token ids (S,) and whether each row
-    had finite weights to draw from (NaN logits would otherwise pick an id past the end)."""
+    """Temperature, top-k, min-p, then top-p by rejection, as `sample_next` does one row at
+    a time: x (S, V) fp32, uniforms (S, 2) -> token ids (S,) and whether each row had finite
+    weights to draw from (NaN logits would otherwise pick an id past the end).
+
+    Every row draws from its top-k/min-p distribution with its first uniform; only the rows
+    whose token falls outside their nucleus (about 1 - top_p of them) compute the nucleus
+    and draw again from it with their second uniform. So a typical step makes a handful of
+    passes over the logits instead of ordering any of them.
+    """
     vocab, device = x.shape[1], x.device
     column = lambda values: torch.tensor(values, device=device, dtype=torch.float32)[:, None]
-    x = x / column([p.temperature for p in params])
+    x.div_(column([p.temperature for p in params]))  # x is the sampler's own copy
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if any(top_k):
         values = torch.topk(x, max(top_k), dim=-1).values  # (S, k_max), best first
         kth = values.gather(1, torch.tensor([max(k, 1) - 1 for k in top_k], device=device)[:, None])
         kth = torch.where(column(top_k) > 0, kth, _NEG_INF)
-        x = x.masked_fill(x < kth, _NEG_INF)
+        x.masked_fill_(x < kth, _NEG_INF)
     top = x.amax(-1, keepdim=True)  # (S, 1): every filter keeps the top token
-    weights = torch.exp(x - top)  # (S, V), dropped tokens weigh 0
-    nucleus = [i for i, p in enumerate(params) if p.top_p < 1]
-    if len(nucleus) == len(params):  # the common case: every row, in place
-        threshold = _top_p_threshold(x, weights, top, column([p.top_p for p in params]))
-        weights.masked_fill_(x < threshold, 0.0)
-    elif nucleus:
-        index = torch.tensor(nucleus, device=device)
-        sub = x[index]
-        threshold = _top_p_threshold(sub, weights[index], top[index],
-                                     column([params[i].top_p for i in nucleus]))
-        weights[index] = weights[index].masked_fill_(sub < threshold, 0.0)
+    weights = torch.sub(x, top).exp_()  # (S, V): the top-k distribution, the top weighs 1
+    kept = weights
     if any(p.min_p > 0 for p in params):  # p_i < min_p * p_max <=> x_i < x_max + log(min_p)
         floor = column([math.log(p.min_p) if p.min_p > 0 else _NEG_INF for p in params])
-        weights.masked_fill_(x < top + floor, 0.0)
+        kept = weights.masked_fill(x < top + floor, 0.0)
+    tokens, valid = _inverse_cdf(kept, uniforms[:, 0])
+    nucleus = [i for i, p in enumerate(params) if p.top_p < 1]
+    if nucleus:
+        rows = torch.tensor(nucleus, device=device)
+        top_p = column([params[i].top_p for i in nucleus])  # (P, 1)
+        every = len(nucleus) == len(params)
+        sub = weights if every else weights[rows]  # (P, V)
+        w = sub.gather(1, (tokens if every else tokens[rows])[:, None])  # (P, 1) drawn
+        above = torch.where(sub > w, sub, 0.0).sum(-1, keepdim=True)
+        missed = ((w < 1) & (above >= top_p * sub.sum(-1, keepdim=True)))[:, 0]
+        if bool(missed.any()):
+            redo = rows[missed]
+            threshold = _top_p_threshold(x[redo], weights[redo], top[redo], top_p[missed])
+            inside = kept[redo].masked_fill_(x[redo] < threshold, 0.0)
+            tokens[redo], _ = _inverse_cdf(inside, uniforms[redo, 1])
+    return tokens, valid
+
+
+def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """weights (S, V), uniforms (S,) -> the tokens whose cumulative weight (token id order)
+    first exceeds u x the row's total (S,), and whether the total is finite and > 0."""
     cdf = weights.cumsum(-1)
     total = cdf[:, -1:]
+    # u * total can round up to total; the last kept token must stay reachable
     target = torch.minimum(uniforms[:, None] * total,
                            torch.nextafter(total, torch.zeros_like(total)))
     tokens = torch.searchsorted(cdf, target, right=True)[:, 0]
     valid = torch.isfinite(total[:, 0]) & (total[:, 0] > 0)
-    return tokens.clamp_(max=x.shape[1] - 1), valid
+    return tokens.clamp_(max=weights.shape[1] - 1), valid
 
 
 def _top_p_threshold(x: torch.Tensor, weights: torch.Tensor, top: torch.Tensor,
@@ -174,19 +195,22 @@ def _top_p_threshold(x: torch.Tensor, weights: torch.Tensor, top: torch.Tensor,
     the running sum crosses top_p are kept, those after it dropped, and only the tokens of
     that boundary bucket (a few dozen) are ordered, with a top-k.
     """
-    target = top_p * weights.sum(-1, keepdim=True)  # (S, 1)
-    gap = top - x  # (S, V) >= 0, inf for dropped tokens
-    # tokens more than TOP_P_SPAN below the top weigh nothing in fp32 sums: they share the
-    # last bucket, so the buckets cover what matters (and a -inf does not stretch them)
-    span = gap.clamp(max=TOP_P_SPAN).amax(-1, keepdim=True).clamp_(min=1e-30)  # (S, 1)
-    bucket = (gap * ((TOP_P_BUCKETS - 1) / span)).clamp_(max=TOP_P_BUCKETS - 1).long()
+    # buckets are linear in the gap below the top logit, over the row's own range; tokens
+    # more than TOP_P_SPAN below the top weigh nothing in fp32 sums and share the last
+    # bucket with dropped (-inf) tokens, which therefore never stretch the range
+    span = (top - x.amin(-1, keepdim=True)).clamp_(min=1e-30, max=TOP_P_SPAN)  # (S, 1)
+    scale = (TOP_P_BUCKETS - 1) / span
+    # (top - x) * scale in one pass as top*scale - x*scale: monotone in x, 0 at the top
+    bucket = torch.addcmul(top * scale, x, scale, value=-1.0)
+    bucket = bucket.clamp_(max=TOP_P_BUCKETS - 1).long()  # (S, V)
     mass = torch.zeros(x.shape[0], TOP_P_BUCKETS, device=x.device)
-    running = mass.scatter_add_(1, bucket, weights).cumsum(-1)  # (S, buckets)
+    running = mass.scatter_add_(1, bucket, weights).cumsum_(-1)  # (S, buckets)
+    target = top_p * running[:, -1:]  # (S, 1): top_p of the total weight
     edge = (running < target).sum(-1, keepdim=True).clamp_(max=TOP_P_BUCKETS - 1)  # (S, 1)
     before = torch.where(edge > 0, running.gather(1, (edge - 1).clamp(min=0)), 0.0)
     on_edge = bucket == edge  # (S, V)
     n = int(on_edge.sum(-1).max())
-    candidates = torch.topk(x.masked_fill(~on_edge, _NEG_INF), n, dim=-1).values  # (S, n)
+    candidates = torch.topk(torch.where(on_edge, x, _NEG_INF), n, dim=-1).values  # (S, n)
     w = torch.exp(candidates - top)
     kept = (before + w.cumsum(-1) - w < target).sum(-1, keepdim=True)  # a prefix of them
     # buckets fall as logits rise, so every token of an earlier bucket has a larger logit

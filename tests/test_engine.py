@@ -201,14 +201,14 @@ def test_one_failing_request_does_not_stop_the_others(tokenizer, monkeypatch):
     import server.sampling as sampling
 
     engine = make_engine(make_model(), tokenizer)
-    original = sampling._row_uniform
+    original = sampling._row_uniforms
 
     def uniform(request):
         if request.params.seed == 666:
             raise RuntimeError("boom")
         return original(request)
 
-    monkeypatch.setattr(sampling, "_row_uniform", uniform)
+    monkeypatch.setattr(sampling, "_row_uniforms", uniform)
     res = run_all(engine, {"bad": ([1, 2], SamplingParams(max_tokens=4, seed=666)),
                            "good": ([1, 2], SamplingParams(max_tokens=4, seed=1,
                                                            ignore_eos=True))})

@@ -93,7 +93,7 @@ POISON_SEED = 666
 
 
 def test_sampling_exception_fails_that_request_alone(roomy, monkeypatch):
-    real_uniform = server.sampling._row_uniform
+    real_uniform = server.sampling._row_uniforms
 
     def uniform(request):
         if request.params.seed == POISON_SEED and len(request.output_ids) == 3:
@@ -104,7 +104,7 @@ def test_sampling_exception_fails_that_request_alone(roomy, monkeypatch):
     poisoned = {**healthy, "seed": POISON_SEED}
     with httpx.Client(base_url=roomy.url, timeout=60) as http:
         before = [http.post("/v1/completions", json=healthy).json() for _ in range(3)]
-        monkeypatch.setattr(server.sampling, "_row_uniform", uniform)
+        monkeypatch.setattr(server.sampling, "_row_uniforms", uniform)
 
         def stream_poisoned():
             with http.stream("POST", "/v1/completions", json={**poisoned,

@@ -106,13 +106,13 @@ def test_penalties_bias_and_min_tokens():
 
 def test_a_failing_row_returns_its_exception(monkeypatch):
     logits = torch.randn(3, VOCAB)
-    real = server.sampling._row_uniform
+    real = server.sampling._row_uniforms
 
     def uniform(request):
         if request.params.seed == 666:
             raise RuntimeError("boom")
         return real(request)
-    monkeypatch.setattr(server.sampling, "_row_uniform", uniform)
+    monkeypatch.setattr(server.sampling, "_row_uniforms", uniform)
     rows = [state(SamplingParams(temperature=0, logit_bias={0: 0.0})),
             state(SamplingParams(seed=666)), state(SamplingParams(seed=1))]
     out = sample(logits, rows)
