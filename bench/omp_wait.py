@@ -1,0 +1,81 @@
+"""How OpenMP's idle threads should wait inside fanformer-serve: measured through HTTP.
+
+The engine's step runs its ops on torch's OpenMP threads while the event loop (and, on a
+shared machine, the load generator) needs the same cores between steps. libgomp's default
+lets idle threads spin up to 300,000 times before they sleep; PASSIVE sleeps at once. This
+starts the server once per variant of the environment (alternating which goes first by
+round) on the random transformer-64m checkpoint of bench/side_by_side.py and drives it with
+the same load generator at 1 / 16 / 64 streams, greedy and sampled. Medians over rounds.
+
+    .venv/bin/python bench/omp_wait.py --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import side_by_side as sbs
+
+VARIANTS = {  # variant -> environment set for the server (on top of an environment without
+    "libgomp default": {},  # any OMP_WAIT_POLICY / GOMP_SPINCOUNT)
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "spin 10k": {"GOMP_SPINCOUNT": "10000"},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--modes", nargs="+", default=list(sbs.MODES))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--out", type=Path, default=None, help="JSON of every point")
+    args = sbs.parse_args([])  # side_by_side's defaults: anchors folder, cache, prompt shape
+    own = p.parse_args()
+    checkpoint = sbs.build_checkpoints(sbs.ANCHOR_PRESET, args.cache)["bf16"]
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    points = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rnd in range(own.rounds):
+            order = own.variants if rnd % 2 == 0 else own.variants[::-1]
+            for variant in order:
+                with ExitStack() as stack:
+                    saved = dict(os.environ)
+                    os.environ.clear()
+                    os.environ.update({**base, **VARIANTS[variant]})
+                    try:
+                        server, = sbs.start_servers([(variant, sbs.ours_argv(checkpoint))],
+                                                    args.cache / "logs", stack)
+                    finally:
+                        os.environ.clear()
+                        os.environ.update(saved)
+                    for mode in own.modes:
+                        for streams in own.streams:
+                            load = os.getloadavg()[0]
+                            r = sbs.run_load(server.url, streams, sbs.requests_for(streams, args),
+                                             mode, args.max_tokens, args, rnd, Path(tmp))
+                            points.append({"round": rnd, "variant": variant, "mode": mode,
+                                           "streams": streams, "loadavg_before": load, **r})
+                            print(f"round {rnd} {variant:16} {mode:7} {streams:3} streams: "
+                                  f"{r['output_tok_s']:7.1f} tok/s (load {load:.2f})",
+                                  flush=True)
+    if own.out:
+        own.out.write_text(json.dumps(points, indent=1))
+    print("\n| mode | streams | " + " | ".join(own.variants) + " |")
+    print("|---|---:|" + "---:|" * len(own.variants))
+    for mode in own.modes:
+        for streams in own.streams:
+            cells = [statistics.median(x["output_tok_s"] for x in points if x["variant"] == v
+                                       and x["mode"] == mode and x["streams"] == streams)
+                     for v in own.variants]
+            print(f"| {mode} | {streams} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
