@@ -96,7 +96,32 @@ def build_parser() -> FlagParser:
                         "ulimit -n)")
     p.add_argument("--log_level", "--uvicorn_log_level", dest="log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    add_ray_flags(p)
     return p
+
+
+def add_ray_flags(p: FlagParser) -> None:
+    """--ray and its flags; server/ray_app.py reads them (and is imported only with --ray)."""
+    g = p.add_argument_group("Ray Serve (pip install 'fanformer[ray]'; docs/SERVING.md)")
+    g.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve: replicas behind one endpoint, restarted "
+                        "when they die")
+    g.add_argument("--address", default=None,
+                   help="join this Ray cluster (e.g. 10.0.0.1:6379; default: $RAY_ADDRESS, "
+                        "else start a local one)")
+    g.add_argument("--num_replicas", type=int, default=1, help="fixed number of replicas")
+    g.add_argument("--min_replicas", type=int, default=1, help="autoscaling: fewest replicas")
+    g.add_argument("--max_replicas", type=int, default=None,
+                   help="autoscaling: most replicas (setting it turns autoscaling on)")
+    g.add_argument("--target_ongoing_requests", type=float, default=8.0,
+                   help="autoscaling: ongoing requests per replica Ray aims for")
+    g.add_argument("--upscale_delay_s", type=float, default=5.0,
+                   help="autoscaling: load must stay high this long before a replica is added")
+    g.add_argument("--downscale_delay_s", type=float, default=30.0,
+                   help="autoscaling: load must stay low this long before one is removed")
+    g.add_argument("--replica_cpus", type=float, default=1.0,
+                   help="CPUs Ray reserves per replica (fractions allowed); its torch "
+                        "threads = the whole part, at least 1")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -230,6 +255,14 @@ def serve(args: argparse.Namespace) -> None:
         raise CLIError("the server failed to start (the log above says why)")
 
 
+def serve_on_ray(args: argparse.Namespace) -> None:
+    try:
+        from server.ray_app import serve_on_ray as run
+    except ImportError as e:
+        raise CLIError(f"--ray needs Ray Serve ({e}); pip install 'fanformer[ray]'") from None
+    run(args)
+
+
 def limit_malloc_arenas(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX=2 would) unless the user set it.
 
@@ -257,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        serve(args)
+        if args.ray:
+            serve_on_ray(args)
+        else:
+            serve(args)
     except CLIError as e:
         print(f"fanformer-serve: {e}", file=sys.stderr)
         return 1

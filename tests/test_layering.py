@@ -10,13 +10,15 @@ import pytest
 FORBIDDEN = {
     "fanformer": ["quant", "server", "fastapi", "pydantic", "uvicorn", "sse_starlette"],
     "quant": ["server", "fastapi", "pydantic", "uvicorn", "sse_starlette"],
+    "server": ["ray"],  # Ray Serve only with --ray (server/ray_app.py)
 }
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_package_does_not_import_upward(package):
     modules = {"fanformer": "fanformer.checkpoint, fanformer.generate, fanformer.train",
-               "quant": "quant, quant.cli"}[package]
+               "quant": "quant, quant.cli",
+               "server": "server.cli, server.api, server.engine"}[package]
     code = (f"import sys, {modules}; "
             f"print(' '.join(m for m in {FORBIDDEN[package]!r} if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
