@@ -25,6 +25,15 @@ from fanformer.config import ModelConfig
 SPAN_MULTIPLE = 64  # decode attention spans are padded (and masked) to a multiple of this
 
 
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A step's metadata (ids, slots, positions) as an int64 tensor on `device`: on CUDA
+    through pinned memory, so the copy does not block the host (one per list and step)."""
+    if device.type == "cuda":
+        return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device,
+                                                                          non_blocking=True)
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 class KVCachePool:
     def __init__(self, config: ModelConfig, num_slots: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str):
@@ -65,8 +74,8 @@ class StepAttention:
         device = pool.device
         slots = [s.slot for s in segments for _ in range(s.length)]
         positions = [s.start + i for s in segments for i in range(s.length)]
-        self.write_slots = torch.tensor(slots, device=device)  # (N,)
-        self.write_pos = torch.tensor(positions, device=device)  # (N,)
+        self.write_slots = to_device(slots, device)  # (N,)
+        self.write_pos = to_device(positions, device)  # (N,)
         self.positions = self.write_pos[None]  # (1, N): what the model's RoPE reads
         # the leading run of one-token segments is the batched decode group
         n_dec = 0
@@ -93,9 +102,9 @@ class StepAttention:
             if all(s.slot == first + i for i, s in enumerate(dec)):
                 self.dec_view = slice(first, first + n_dec)
             else:
-                self.dec_index = torch.tensor([s.slot for s in dec], device=device)
+                self.dec_index = to_device([s.slot for s in dec], device)
             keys = torch.arange(self.dec_span, device=device)
-            last = torch.tensor([s.start for s in dec], device=device)
+            last = to_device([s.start for s in dec], device)
             self.dec_mask = (keys[None, :] <= last[:, None])[:, None, None, :]  # (D,1,1,S)
         # prefill chunks: (token offset in the batch, slot, start, length, causal mask)
         self.chunks = []

@@ -1,5 +1,6 @@
 """The engine against the reference loop: greedy equality alone and batched, chunked prefill on
-and off, seeded sampling batch-invariance, logprobs, errors, aborts, and the async front."""
+and off, seeded sampling batch-invariance, logprobs, errors, aborts, and the async front.
+The relational tests take the `device` fixture: they run on CUDA too where there is one."""
 
 from __future__ import annotations
 
@@ -57,25 +58,25 @@ def run_all(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingPara
 
 
 @pytest.mark.parametrize("chunked,budget", [(True, 16), (True, 512), (False, 512)])
-def test_greedy_matches_reference_alone_and_batched(tokenizer, chunked, budget):
-    model = make_model()
+def test_greedy_matches_reference_alone_and_batched(tokenizer, chunked, budget, device):
+    model = make_model().to(device)
     expected = [generate(model, p, 12, temperature=0) for p in PROMPTS]
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     for i, prompt in enumerate(PROMPTS):  # each alone
         engine = make_engine(model, tokenizer, enable_chunked_prefill=chunked,
-                             max_num_batched_tokens=budget)
+                             max_num_batched_tokens=budget, device=device)
         ids, _, _ = run_all(engine, {"a": (prompt, greedy)})["a"]
         assert ids == expected[i]
     engine = make_engine(model, tokenizer, enable_chunked_prefill=chunked,
-                         max_num_batched_tokens=budget)
+                         max_num_batched_tokens=budget, device=device)
     together = run_all(engine, {str(i): (p, greedy) for i, p in enumerate(PROMPTS)})
     assert [together[str(i)][0] for i in range(len(PROMPTS))] == expected
 
 
-def test_greedy_matches_reference_with_staggered_arrivals(tokenizer):
+def test_greedy_matches_reference_with_staggered_arrivals(tokenizer, device):
     """Requests joining a running batch (non-contiguous slots after an early finish)."""
-    model = make_model(preset="transformer-test")
-    engine = make_engine(model, tokenizer, max_num_batched_tokens=24)
+    model = make_model(preset="transformer-test").to(device)
+    engine = make_engine(model, tokenizer, max_num_batched_tokens=24, device=device)
     lengths = [3, 20, 5, 9, 14, 2]
     prompts = [[(11 * i + 3 * j) % 500 + 1 for j in range(6 + 5 * i)] for i in range(6)]
     expected = {str(i): generate(model, p, n, temperature=0)
@@ -93,32 +94,33 @@ def test_greedy_matches_reference_with_staggered_arrivals(tokenizer):
     assert got == expected
 
 
-def test_seeded_sampling_is_batch_invariant(tokenizer):
-    model = make_model()
+def test_seeded_sampling_is_batch_invariant(tokenizer, device):
+    model = make_model().to(device)
     params = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=1234,
                             ignore_eos=True)
-    alone = run_all(make_engine(model, tokenizer), {"x": (PROMPTS[1], params)})["x"][0]
+    alone = run_all(make_engine(model, tokenizer, device=device),
+                    {"x": (PROMPTS[1], params)})["x"][0]
     others = {f"o{i}": (p, SamplingParams(max_tokens=7, temperature=1.0, seed=i))
               for i, p in enumerate(PROMPTS)}
-    mixed = run_all(make_engine(model, tokenizer, max_num_batched_tokens=20),
+    mixed = run_all(make_engine(model, tokenizer, max_num_batched_tokens=20, device=device),
                     {**others, "x": (PROMPTS[1], params)})["x"][0]
     assert alone == mixed
     reference = generate(model, PROMPTS[1], 10, temperature=0.9, top_k=50, top_p=0.9,
-                         generator=torch.Generator().manual_seed(1234))
+                         generator=torch.Generator(device).manual_seed(1234))
     assert alone == reference  # same filters, same generator: the reference loop's draws
 
 
 @pytest.mark.parametrize("preset", ["test", "transformer-test"])
-def test_bf16_requests_give_the_same_tokens_alone_and_in_a_crowd(tokenizer, preset):
+def test_bf16_requests_give_the_same_tokens_alone_and_in_a_crowd(tokenizer, preset, device):
     """In bf16 too (where rounding would show any dependence on the batch), a request gets
     the tokens it gets alone when others of other lengths decode beside it and new prompts
     are prefilled in the same steps: greedy and seeded sampling, decode spans past 64.
     (A prompt split into other prefill chunks may differ in bf16: not tested.)"""
-    model = make_model(preset)
+    model = make_model(preset).to(device)
     requests = {f"r{i}": (p, SamplingParams(max_tokens=12, seed=i, ignore_eos=True,
                                             temperature=0.0 if i % 2 else 0.8, top_p=0.9))
                 for i, p in enumerate(PROMPTS + [list(range(1, 110))])}
-    engine = make_engine(model, tokenizer, dtype="bfloat16")
+    engine = make_engine(model, tokenizer, dtype="bfloat16", device=device)
     crowd = {rid: [] for rid in requests}
     for k, (rid, (prompt, params)) in enumerate(requests.items()):
         engine.add_request(rid, prompt, params)
@@ -129,19 +131,22 @@ def test_bf16_requests_give_the_same_tokens_alone_and_in_a_crowd(tokenizer, pres
         for out in engine.step():
             crowd[out.request_id] += out.token_ids
     for rid, request in requests.items():
-        alone = run_all(make_engine(model, tokenizer, dtype="bfloat16"), {rid: request})
+        alone = run_all(make_engine(model, tokenizer, dtype="bfloat16", device=device),
+                        {rid: request})
         assert crowd[rid] == alone[rid][0], rid
 
 
-def test_logprobs_and_prompt_logprobs_match_a_full_forward(tokenizer):
-    model = make_model()
+def test_logprobs_and_prompt_logprobs_match_a_full_forward(tokenizer, device):
+    model = make_model().to(device)
     prompt = PROMPTS[2]
     params = SamplingParams(max_tokens=3, temperature=0, logprobs=2, prompt_logprobs=1,
                             ignore_eos=True)
-    engine = make_engine(model, tokenizer, max_num_batched_tokens=10)  # chunked prompt
+    engine = make_engine(model, tokenizer, max_num_batched_tokens=10,  # chunked prompt
+                         device=device)
     ids, _, outs = run_all(engine, {"a": (prompt, params)})["a"]
     with torch.no_grad():
-        full = torch.log_softmax(model(torch.tensor([prompt + ids]))[0].float(), -1)
+        full = torch.log_softmax(model(torch.tensor([prompt + ids], device=device))[0].float(),
+                                 -1)
     plp = outs[0].prompt_logprobs
     assert plp[0] is None and len(plp) == len(prompt)
     for p in range(1, len(prompt)):
@@ -155,6 +160,28 @@ def test_logprobs_and_prompt_logprobs_match_a_full_forward(tokenizer):
         assert lp.logprob == pytest.approx(float(full[position, ids[i]]), abs=1e-4)
         assert lp.top[0][0] == ids[i] and len(lp.top) == 2  # greedy: the best is chosen
     assert all(o.prompt_logprobs is None for o in outs[1:])
+
+
+@pytest.mark.parametrize("fp32_logits", [True, False])
+def test_bf16_logits_come_from_an_fp32_head_when_asked(tokenizer, fp32_logits):
+    """fp32_logits: the LM head runs in fp32 on the bf16 hidden states (no bf16-rounded
+    logits, so no exact ties); off (the CPU default), the bf16 head's logits are cast."""
+    model = make_model()
+    prompt = PROMPTS[2]
+    engine = make_engine(model, tokenizer, dtype="bfloat16", fp32_logits=fp32_logits)
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, ignore_eos=True)
+    plp = run_all(engine, {"a": (prompt, params)})["a"][2][0].prompt_logprobs
+    with torch.no_grad():
+        hidden = engine.model.hidden_states(torch.tensor([prompt]))[0]  # bf16 (T, d)
+        head = engine.model.lm_head.weight
+        fp32 = torch.log_softmax(hidden.float() @ head.float().T, -1)
+        bf16 = torch.log_softmax((hidden @ head.T).float(), -1)
+    want, other = (fp32, bf16) if fp32_logits else (bf16, fp32)
+    got = torch.tensor([plp[p].logprob for p in range(1, len(prompt))])
+    rows = torch.arange(len(prompt) - 1)
+    targets = torch.tensor(prompt[1:])
+    assert torch.allclose(got, want[rows, targets], atol=1e-5)
+    assert not torch.allclose(got, other[rows, targets], atol=1e-5)
 
 
 def test_echo_scoring_with_zero_max_tokens(tokenizer):
