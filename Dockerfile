@@ -4,16 +4,29 @@
 #   docker run --rm -p 8000:8000 fanformer            # then: curl localhost:8000/health
 #   docker run --rm -p 8000:8000 -e FANFORMER_API_KEY=secret fanformer
 #   docker run --rm -p 8000:8000 -v $PWD/ckpt:/ckpt:ro fanformer fanformer-serve --host 0.0.0.0 /ckpt
-# Layers: torch, then the other dependencies (both read from pyproject.toml, so the pins live
-# in one place), then the source with --no-deps: editing the source rebuilds only the last.
-# torch comes from TORCH_INDEX_URL (PyTorch's CPU index by default) so that pip does not pull
-# the multi-GB CUDA build from PyPI.
+# Built and run with podman on a machine without Docker Hub: scripts/docker_check.sh and
+# docs/SERVING.md "Docker (CPU)".
+# Layers: a virtualenv, torch, then the other dependencies (both read from pyproject.toml, so
+# the pins live in one place), then the source with --no-deps: editing the source rebuilds
+# only the last. torch comes from TORCH_INDEX_URL (PyTorch's CPU index by default) so that pip
+# does not pull the multi-GB CUDA build from PyPI.
+# BASE_IMAGE needs only python3 (3.10+) with its venv module, and useradd: python:3.11-slim,
+# or Debian bookworm with python3-venv (what scripts/docker_check.sh builds with debootstrap).
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+# A pip config for the dependency layers only (not kept in the image), for a machine that
+# reaches PyPI through a proxy with its own CA or has the CPU torch wheel on disk, e.g.
+#   podman build -v ./build-pip:/tmp/build-pip:ro --build-arg PIP_CONFIG_FILE=/tmp/build-pip/pip.conf
+# (scripts/docker_check.sh). Empty: pip's defaults.
+ARG PIP_CONFIG_FILE=
+# The venv makes `python` and `pip` the same on either base (Debian's own python3 has no
+# `python` or `pip` command and refuses `pip install` outside a venv).
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv /opt/venv
 
 WORKDIR /app
 COPY pyproject.toml ./
@@ -21,6 +34,7 @@ RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))
 open('/tmp/torch.txt', 'w').write('\n'.join(d for d in deps if d.startswith('torch')) + '\n'); \
 open('/tmp/deps.txt', 'w').write('\n'.join(d for d in deps if not d.startswith('torch')) + '\n')" \
     && pip install -r /tmp/torch.txt --index-url "${TORCH_INDEX_URL}" \
+    && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
     && pip install -r /tmp/deps.txt
 
 COPY README.md ./
