@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models and a tokenizer trained in-process on a committed text."""
+"""Shared fixtures: tiny random models, a tokenizer trained in-process on a committed text, and
+the devices the relational tests run on (CUDA skipped, visibly, where there is none)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ from fanformer.model import FANformer
 from fanformer.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+#: The devices a relational test (engine == reference, alone == batched, quantized ==
+#: dequantized reference) runs on. The CUDA case is always collected, so a machine without
+#: a GPU reports it as "SKIPPED ... no CUDA device" instead of silently running less;
+#: `pytest -k cuda` selects exactly the CUDA cases (bench/gpu_check.py runs them).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """"cpu" or "cuda": build the model, the reference and the engine on it."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

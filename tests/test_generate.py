@@ -13,19 +13,22 @@ from fanformer.generate import generate, main, sample_next
 from tests.conftest import make_model
 
 
-def test_cache_and_no_cache_agree_greedy(model):
+def test_cache_and_no_cache_agree_greedy(model, device):
+    model = model.to(device)
     prompt = [5, 17, 42, 9]
     a = generate(model, prompt, 20, temperature=0, use_cache=True)
     b = generate(model, prompt, 20, temperature=0, use_cache=False)
     assert a == b and len(a) == 20
 
 
-def test_seeded_sampling_is_reproducible(model):
+def test_seeded_sampling_is_reproducible(model, device):
+    model = model.to(device)
     prompt = [1, 2, 3]
     runs = [generate(model, prompt, 15, temperature=1.0, top_k=50, top_p=0.9,
-                     generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+                     generator=torch.Generator(device).manual_seed(7)) for _ in range(2)]
     assert runs[0] == runs[1]
-    other = generate(model, prompt, 15, temperature=1.0, generator=torch.Generator().manual_seed(8))
+    other = generate(model, prompt, 15, temperature=1.0,
+                     generator=torch.Generator(device).manual_seed(8))
     assert other != runs[0]
 
 

@@ -1,4 +1,5 @@
-"""Model invariants: cached decode == full forward, true GQA, FAN/HybridNorm/CoLA layout."""
+"""Model invariants: cached decode == full forward (on every device), true GQA,
+FAN/HybridNorm/CoLA layout."""
 
 from __future__ import annotations
 
@@ -23,33 +24,34 @@ def _model(family: str):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("prompt_len", [1, 7, 33])
-def test_cached_decode_equals_full_forward(family, prompt_len):
-    model = _model(family)
+def test_cached_decode_equals_full_forward(family, prompt_len, device):
+    model = _model(family).to(device)
     total = prompt_len + 10
-    ids = torch.randint(0, model.config.vocab_size, (2, total))
+    ids = torch.randint(0, model.config.vocab_size, (2, total)).to(device)
     with torch.no_grad():
         full = model(ids)
-        cache = ContiguousKVCache(model.config, 2)
-        steps = [model(ids[:, :prompt_len], torch.arange(prompt_len).expand(2, -1), cache)]
+        cache = ContiguousKVCache(model.config, 2, device=device)
+        steps = [model(ids[:, :prompt_len],
+                       torch.arange(prompt_len, device=device).expand(2, -1), cache)]
         for t in range(prompt_len, total):
-            steps.append(model(ids[:, t:t + 1], torch.full((2, 1), t), cache))
+            steps.append(model(ids[:, t:t + 1], torch.full((2, 1), t, device=device), cache))
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prompts_of_different_lengths_in_one_batch(family):
+def test_prompts_of_different_lengths_in_one_batch(family, device):
     """Right-padded prompts of lengths 3 and 11 decode like each alone."""
-    model = _model(family)
+    model = _model(family).to(device)
     lengths, new = [3, 11], 6
-    seqs = [torch.randint(0, model.config.vocab_size, (n + new,)) for n in lengths]
+    seqs = [torch.randint(0, model.config.vocab_size, (n + new,)).to(device) for n in lengths]
     width = max(lengths)
     with torch.no_grad():
-        cache = ContiguousKVCache(model.config, 2)
+        cache = ContiguousKVCache(model.config, 2, device=device)
         padded = torch.stack([F.pad(s[:n], (0, width - n)) for s, n in zip(seqs, lengths)])
-        model(padded, torch.arange(width).expand(2, -1), cache)
+        model(padded, torch.arange(width, device=device).expand(2, -1), cache)
         # continue each row from its own length (the padding's cache entries get overwritten)
         batched = []
-        pos = torch.tensor(lengths)
+        pos = torch.tensor(lengths, device=device)
         for step in range(new):
             ids = torch.stack([s[n + step] for s, n in zip(seqs, lengths)])[:, None]
             batched.append(model(ids, (pos + step)[:, None], cache)[:, 0])

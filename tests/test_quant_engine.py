@@ -1,6 +1,7 @@
 """Quantized checkpoints through the serving engine: the same tokens as the reference loop,
 alone and in mixed batches, greedy and seeded, for every method and both CPU kernel
-families (weight-only and w8a8), so no request's tokens depend on the other requests."""
+families (weight-only and w8a8), so no request's tokens depend on the other requests; on CUDA
+too where there is one (the `device` fixture: there every layer runs its fallback)."""
 
 from __future__ import annotations
 
@@ -49,8 +50,10 @@ def quantized(request, tmp_path_factory, checkpoint):
 
 
 def _run(model, tokenizer, requests, dtype, budget=512):
-    """Submit every (prompt, params), step to the end: request id -> generated ids."""
-    engine = LLMEngine(model, tokenizer, EngineConfig(dtype=dtype, max_num_seqs=8,
+    """Submit every (prompt, params), step to the end: request id -> generated ids. The
+    engine runs where the model is."""
+    device = model.embed.weight.device.type
+    engine = LLMEngine(model, tokenizer, EngineConfig(dtype=dtype, max_num_seqs=8, device=device,
                                                       max_num_batched_tokens=budget))
     for rid, (prompt, params) in requests.items():
         engine.add_request(rid, prompt, params)
@@ -61,10 +64,10 @@ def _run(model, tokenizer, requests, dtype, budget=512):
     return out
 
 
-def test_greedy_matches_reference_alone_and_batched(quantized):
+def test_greedy_matches_reference_alone_and_batched(quantized, device):
     """fp32 for the unquantized parts: the engine's bf16 attention is not bitwise the
     reference loop's (true of unquantized models too), which can flip near-ties."""
-    model, tokenizer = load_any_checkpoint(quantized, dtype=torch.float32)
+    model, tokenizer = load_any_checkpoint(quantized, device, dtype=torch.float32)
     greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     expected = [generate(model, p, 10, temperature=0) for p in PROMPTS]
     for prompt, want in zip(PROMPTS, expected):
@@ -75,11 +78,11 @@ def test_greedy_matches_reference_alone_and_batched(quantized):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_seeded_sampling_alone_equals_in_a_crowd(quantized, dtype):
+def test_seeded_sampling_alone_equals_in_a_crowd(quantized, dtype, device):
     """A seeded request gives the same tokens alone and among other requests whose prefill
     chunks and decode rows share its steps (the issue: bf16, the serving dtype); in fp32
     they are also the reference loop's tokens."""
-    model, tokenizer = load_any_checkpoint(quantized, dtype=getattr(torch, dtype))
+    model, tokenizer = load_any_checkpoint(quantized, device, dtype=getattr(torch, dtype))
     params = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=1234,
                             ignore_eos=True)
     alone = _run(model, tokenizer, {"x": (PROMPTS[1], params)}, dtype)["x"]
@@ -90,4 +93,4 @@ def test_seeded_sampling_alone_equals_in_a_crowd(quantized, dtype):
         assert crowd["x"] == alone, budget
     if dtype == "float32":
         assert alone == generate(model, PROMPTS[1], 10, temperature=0.9, top_k=50, top_p=0.9,
-                                 generator=torch.Generator().manual_seed(1234))
+                                 generator=torch.Generator(device).manual_seed(1234))

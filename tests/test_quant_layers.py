@@ -1,6 +1,8 @@
 """Packing is lossless and matches the ecosystem's bit order; every quantized layer's fast
 kernels agree with its readable reference (dequantize, then F.linear), never mix rows
-(batch invariance, bitwise), create no tensor on the default device, and build once."""
+(batch invariance, bitwise), create no tensor on the default device, and build once.
+The reference and batch-invariance tests take the `device` fixture (CUDA where there is one:
+there a layer runs its dequantize-once fallback)."""
 
 from __future__ import annotations
 
@@ -116,9 +118,10 @@ def kernel(request, monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 33])
-def test_kernels_match_reference(rows, kernel):
+def test_kernels_match_reference(rows, kernel, device):
     for name, layer in _layers():
-        x = torch.randn(rows, layer.in_features)
+        layer = layer.to(device)
+        x = torch.randn(rows, layer.in_features).to(device)
         reference = F.linear(x, layer.dequantize())
         if layer.bias is not None:
             reference = reference + layer.bias
@@ -145,15 +148,17 @@ def _int4_head():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rows_never_mix(kernel, dtype):
+def test_rows_never_mix(kernel, dtype, device):
     """Row i of a batch is bitwise the row computed alone, at every batch size: what makes a
     request's tokens independent of the other requests in the engine's batch. Alone on one
     thread, batched on two, as the engine runs small and big steps."""
     x = (torch.randn(64, 256, generator=torch.Generator().manual_seed(5)) * 2).to(dtype)
     x[7] *= 100  # an outlier row must not change the others' activation grids
+    x = x.to(device)
     threads = torch.get_num_threads()
     try:
         for name, layer in [*_layers(), _int4_head()]:
+            layer = layer.to(device)
             xs = x[:, :layer.in_features]
             torch.set_num_threads(1)
             alone = torch.cat([layer(xs[i:i + 1]) for i in range(64)])
