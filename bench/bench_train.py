@@ -35,7 +35,7 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 
 
 def bench(spec: str, precision: str, device: str, batch: int, seq_len: int, steps: int,
-          warmup: int, vocab_size: int | None) -> dict:
+          warmup: int, vocab_size: int | None, compile: bool = False) -> dict:
     preset, overrides = parse_spec(spec)
     if vocab_size:
         overrides["vocab_size"] = vocab_size
@@ -43,15 +43,16 @@ def bench(spec: str, precision: str, device: str, batch: int, seq_len: int, step
     torch.manual_seed(0)
     model = FANformer(config).to(device).train()
     optimizer = make_optimizer(model, TrainArgs())
+    forward = torch.compile(model) if compile else model  # compiled in the warm-up steps
     bf16 = precision == "bf16"
     times = []
-    for i in range(warmup + steps):
+    for _ in range(warmup + steps):
         ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(ids[:, :-1])  # (B, T, V)
+            logits = forward(ids[:, :-1])  # (B, T, V)
             loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -59,11 +60,11 @@ def bench(spec: str, precision: str, device: str, batch: int, seq_len: int, step
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times[warmup:])
     return {"model": spec, "parameters": model.num_parameters(), "precision": precision,
-            "device": device, "batch": batch, "seq_len": seq_len, "steps": steps,
+            "device": device, "compile": compile, "batch": batch, "seq_len": seq_len,
+            "steps": steps, "warmup_s": round(sum(times[:warmup]), 2),
             "median_step_s": round(median, 4), "tokens_per_s": round(batch * seq_len / median)}
 
 
@@ -80,13 +81,16 @@ def main() -> None:
     parser.add_argument("--vocab_size", type=int, default=None,
                         help="override the preset's vocabulary (e.g. the tokenizer's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (compiled during the warm-up steps)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for preset in args.presets:
         for precision in args.precisions:
             print(json.dumps(bench(preset, precision, args.device, args.batch_size, args.seq_len,
-                                   args.steps, args.warmup, args.vocab_size)), flush=True)
+                                   args.steps, args.warmup, args.vocab_size, args.compile)),
+                  flush=True)
 
 
 if __name__ == "__main__":
