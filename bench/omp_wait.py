@@ -1,11 +1,12 @@
-"""How OpenMP's idle threads should wait inside fanformer-serve: measured through HTTP.
+"""How fanformer-serve should use its CPU threads: measured through HTTP.
 
 The engine's step runs its ops on torch's OpenMP threads while the event loop (and, on a
 shared machine, the load generator) needs the same cores between steps. libgomp's default
-lets idle threads spin up to 300,000 times before they sleep; PASSIVE sleeps at once. This
-starts the server once per variant of the environment (alternating which goes first by
-round) on the random transformer-64m checkpoint of bench/side_by_side.py and drives it with
-the same load generator at 1 / 16 / 64 streams, greedy and sampled. Medians over rounds.
+lets idle threads spin up to 300,000 times before they sleep; PASSIVE sleeps at once. And
+steps of at most `SINGLE_THREAD_MAX_TOKENS` tokens run on one thread. This starts the
+server once per variant (alternating which goes first by round) on the random
+transformer-64m checkpoint of bench/side_by_side.py and drives it with the same load
+generator at 1 / 16 / 64 streams, greedy and sampled. Medians over rounds.
 
     .venv/bin/python bench/omp_wait.py --rounds 2
 """
@@ -22,11 +23,23 @@ from pathlib import Path
 
 import side_by_side as sbs
 
-VARIANTS = {  # variant -> environment set for the server (on top of an environment without
-    "libgomp default": {},  # any OMP_WAIT_POLICY / GOMP_SPINCOUNT)
-    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "spin 10k": {"GOMP_SPINCOUNT": "10000"},
+VARIANTS = {  # variant -> (environment set for the server on top of one without any
+    #              OMP_WAIT_POLICY / GOMP_SPINCOUNT, SINGLE_THREAD_MAX_TOKENS or None)
+    "libgomp default": ({}, None),
+    "PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, None),
+    "spin 10k": ({"GOMP_SPINCOUNT": "10000"}, None),
+    "PASSIVE, 2 threads always": ({"OMP_WAIT_POLICY": "PASSIVE"}, 0),
+    "PASSIVE, 1 thread up to 16": ({"OMP_WAIT_POLICY": "PASSIVE"}, 16),
 }
+
+
+def server_argv(checkpoint: Path, single_thread_max: int | None) -> list[str]:
+    argv = sbs.ours_argv(checkpoint)
+    if single_thread_max is None:
+        return argv
+    code = ("import sys, server.engine as e; e.SINGLE_THREAD_MAX_TOKENS = "
+            f"{single_thread_max}; import server.cli; sys.exit(server.cli.main())")
+    return [argv[0], "-c", code, *argv[3:]]  # argv = [python, -m, server.cli, flags...]
 
 
 def main() -> None:
@@ -34,7 +47,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--streams", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--modes", nargs="+", default=list(sbs.MODES))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS)[:3], choices=list(VARIANTS))
     p.add_argument("--out", type=Path, default=None, help="JSON of every point")
     args = sbs.parse_args([])  # side_by_side's defaults: anchors folder, cache, prompt shape
     own = p.parse_args()
@@ -48,10 +61,12 @@ def main() -> None:
                 with ExitStack() as stack:
                     saved = dict(os.environ)
                     os.environ.clear()
-                    os.environ.update({**base, **VARIANTS[variant]})
+                    env, single_thread_max = VARIANTS[variant]
+                    os.environ.update({**base, **env})
                     try:
-                        server, = sbs.start_servers([(variant, sbs.ours_argv(checkpoint))],
-                                                    args.cache / "logs", stack)
+                        server, = sbs.start_servers(
+                            [(variant, server_argv(checkpoint, single_thread_max))],
+                            args.cache / "logs", stack)
                     finally:
                         os.environ.clear()
                         os.environ.update(saved)

@@ -23,7 +23,7 @@ from bench_engine import build_model, byte_tokenizer, prompts
 
 import server.engine as engine_module
 from quant.layers import QuantLinear
-from server.engine import SINGLE_THREAD_MAX_TOKENS, EngineConfig, LLMEngine
+from server.engine import EngineConfig, LLMEngine
 from server.sampling import SamplingParams
 
 MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.8, top_p=0.95)}
@@ -47,7 +47,7 @@ def linear_only_ms(model, batch: int, dtype: torch.dtype, repeats: int = 20) -> 
     leaves = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
     inputs = [torch.randn(batch, m.in_features, dtype=dtype) for m in leaves]  # (B, d_in)
     threads = torch.get_num_threads()
-    if batch <= SINGLE_THREAD_MAX_TOKENS:
+    if batch <= engine_module.SINGLE_THREAD_MAX_TOKENS:
         torch.set_num_threads(1)
     try:
         with torch.inference_mode():
@@ -96,7 +96,12 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--single_thread_max", type=int, default=None,
+                   help="override the engine's SINGLE_THREAD_MAX_TOKENS (steps of at most "
+                        "this many tokens run on one thread)")
     args = p.parse_args()
+    if args.single_thread_max is not None:
+        engine_module.SINGLE_THREAD_MAX_TOKENS = args.single_thread_max
     dtype = getattr(torch, args.dtype)
     model = build_model(args.preset, dtype)
     print(f"# {args.preset} {args.dtype}, {torch.get_num_threads()} threads, load average "

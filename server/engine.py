@@ -37,10 +37,13 @@ from server.scheduler import Scheduler, SchedulerPlan
 
 logger = logging.getLogger(__name__)
 
-# On CPU, a step of at most this many tokens runs on one thread: its matmuls are too small
-# to split, and every op would pay the OpenMP fork/join of a second thread (measured on the
-# 2-core machine, transformer-64m at 1 request: 79 tok/s on 1 thread, 61 on 2).
-SINGLE_THREAD_MAX_TOKENS = 16
+# On CPU, a step of at most this many tokens runs on one thread. 0: none do. It was 16
+# while idle OpenMP threads spun (libgomp's default) and took the cores from the event
+# loop; with them sleeping (fanformer-serve sets OMP_WAIT_POLICY=PASSIVE) the batch-1 GEMVs
+# run twice as fast on both cores, and through HTTP 2 threads gave 38 / 375 / 691 tok/s at
+# 1 / 16 / 64 greedy streams against 30 / 291 / 647 (transformer-64m, 2-core machine,
+# bench/omp_wait.py, docs/ENGINE.md "Threads"). A many-core machine may want it back.
+SINGLE_THREAD_MAX_TOKENS = 0
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

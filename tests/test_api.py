@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -499,6 +500,20 @@ def test_malloc_arenas_are_capped_unless_the_user_chose(monkeypatch):
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     glibc = sys.platform.startswith("linux") and "glibc" in " ".join(platform.libc_ver())
     assert limit_malloc_arenas() == glibc
+
+
+def test_idle_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
+    from server.cli import idle_threads_sleep
+
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert not idle_threads_sleep() and "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    assert idle_threads_sleep() and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    # libgomp reads it when torch loads: main() must run before anything imports torch
+    loaded = subprocess.run([sys.executable, "-c", "import sys, server.cli; "
+                             "print('torch' in sys.modules)"], capture_output=True, text=True)
+    assert loaded.stdout.strip() == "False"
 
 
 def test_cli_bad_checkpoint_is_one_line(tmp_path):
