@@ -5,10 +5,13 @@ checkpoint) and builds its kernel tensors lazily on the first forward, never per
 them (the aten int4 layout is opaque and machine-specific); they are rebuilt whenever a
 buffer is reassigned, loaded or moved.
 
-Batch invariance: row i of `layer(x)` is bitwise `layer(x[i:i+1])`, whatever the other
-rows are and however many there are, so a request gives the same tokens alone and in a
-crowd. Each layer therefore computes one way at every row count; which way is fixed by
-its format and size, never by the rows in the call (numbers in docs/QUANTIZATION.md):
+Batch invariance: every kernel here keeps rows apart (row i of its output depends on row i
+of x only). What can still make a request's tokens depend on the crowd is a layer that
+switches kernels with the row count. Small layers never switch; big ones (at least
+W8A8_MIN_WEIGHTS weights) run their weight-only kernel at up to SMALL_BATCH_ROWS rows,
+where it is 2-3x faster, and w8a8 above, unless `batch_invariant` is set (the engine sets
+it from `--batch_invariant`): then they run w8a8 at every row count and a request gives
+bitwise the same tokens alone and in a crowd (numbers in docs/QUANTIZATION.md):
 
   weight-only (layers under W8A8_MIN_WEIGHTS weights): bf16 activations times the stored
       weights, aten `_weight_int4pack_mm_for_cpu` (4-bit, groups of 32..256),
@@ -42,6 +45,7 @@ from quant.packing import unpack_awq, unpack_gptq
 # weight-only kernels. Read per call, so benchmarks may change it between runs (never while
 # serving: a request's numerics would change mid-stream).
 W8A8_MIN_WEIGHTS = 1 << 18
+SMALL_BATCH_ROWS = 4  # big layers: weight-only up to this many rows (not batch invariant)
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 NF4_BLOCK = 64  # bitsandbytes' default blocksize for 4-bit
 
@@ -86,7 +90,9 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """Common forward: the layer's one kernel, the bias, x's dtype kept."""
+    """Common forward: the layer's kernel for this many rows, the bias, x's dtype kept."""
+
+    batch_invariant = False  # one kernel at every row count; LLMEngine sets it per layer
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device="meta"):
         super().__init__()
@@ -118,9 +124,12 @@ class QuantLinear(nn.Module):
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return x  # AWQ layers with an explicit input scale multiply it in here
 
-    def kernel_name(self) -> str:
-        """'weight-only' or 'w8a8': what this layer runs on CPU, at every row count."""
-        if self.in_features * self.out_features < W8A8_MIN_WEIGHTS:
+    def kernel_name(self, rows: int) -> str:
+        """'weight-only' or 'w8a8': what this layer runs on CPU for an input of `rows` rows.
+        Small layers: weight-only at every row count (where the format has a kernel); big
+        ones: weight-only up to SMALL_BATCH_ROWS rows unless batch_invariant, else w8a8."""
+        small = self.in_features * self.out_features < W8A8_MIN_WEIGHTS
+        if small or (rows <= SMALL_BATCH_ROWS and not self.batch_invariant):
             if self._kernel("weight-only") is not None:
                 return "weight-only"
         return "w8a8"
@@ -165,7 +174,7 @@ class QuantLinear(nn.Module):
         x2 = self._prepare_input(x.reshape(-1, self.in_features))  # (M, K)
         if x.device.type != "cpu":
             y = F.linear(x2, self._kernel((x.device, x2.dtype)))
-        elif self.kernel_name() == "weight-only":
+        elif self.kernel_name(x2.shape[0]) == "weight-only":
             y = self._kernel("weight-only")(x2.to(torch.bfloat16).contiguous())
         else:
             y = self._kernel("w8a8")(x2)

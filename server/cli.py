@@ -78,6 +78,10 @@ def build_parser() -> FlagParser:
                    help="tokens per engine step (decodes + prefill chunks)")
     p.add_argument("--max_queue_len", type=int, default=engine.max_queue_len,
                    help="waiting requests beyond this are refused with 429")
+    p.add_argument("--batch_invariant", action="store_true",
+                   help="quantized layers compute a row the same way at every batch size, so "
+                        "a request gives bitwise the same tokens alone and in a crowd (4-bit "
+                        "layers of 2^18+ weights then run w8a8 at 1-4 streams too: slower)")
     p.add_argument("--cors_origins", nargs="*", default=[],
                    help="origins allowed by CORS, e.g. '*' or http://localhost:3000")
     p.add_argument("--served_model_name", default=None,
@@ -216,17 +220,13 @@ def serve(args: argparse.Namespace) -> None:
     from server.async_engine import AsyncEngine
     from server.connections import limits_protocol
     from server.drain import AFTER_ABORT_S, DrainingServer
-    from server.engine import EngineConfig, LLMEngine
+    from server.engine import LLMEngine
 
     check_args(args)
     sock = bind(args.host, args.port)
     port = sock.getsockname()[1]
     model, tokenizer, name = load(args.checkpoint, args.device, args.dtype)
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                          kv_cache_gib=args.kv_cache_gib,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_queue_len=args.max_queue_len, device=args.device,
-                          dtype=args.dtype)
+    config = engine_config(args)
     try:
         llm = LLMEngine(model, tokenizer, config)
         engine = AsyncEngine(llm)
@@ -282,6 +282,17 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
         return bool(libc.mallopt(-8, arenas))  # -8 is M_ARENA_MAX; 0 means refused
     except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to do
         return False
+
+
+def engine_config(args: argparse.Namespace):
+    """The EngineConfig of fanformer-serve's flags (one replica's, with --ray)."""
+    from server.engine import EngineConfig
+
+    return EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                        kv_cache_gib=args.kv_cache_gib,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_queue_len=args.max_queue_len, device=args.device,
+                        dtype=args.dtype, batch_invariant=args.batch_invariant)
 
 
 def idle_threads_sleep() -> bool:

@@ -59,6 +59,8 @@ class EngineConfig:
     max_queue_len: int = 256  # waiting requests beyond this are refused (QueueFullError)
     device: str = "cpu"
     dtype: str = "auto"  # auto = bfloat16 (CPU and CUDA); float32 and float16 also allowed
+    batch_invariant: bool = False  # quantized layers: one kernel at every batch size, so a
+    #   request gives bitwise the same tokens alone and in a crowd (4-bit: slower at 1-4 rows)
     fp32_logits: bool | None = None  # the LM head in fp32 (no bf16 ties); default: on CUDA
     #   only: on CPU an fp32 head cost 5x the bf16 one (32 vs 6 ms a step at batch 64, 32k
     #   vocabulary), a third of the step, so there the bf16 logits are cast to fp32 instead
@@ -121,6 +123,9 @@ class LLMEngine:
         fp32_logits = config.fp32_logits
         if fp32_logits is None:
             fp32_logits = self.device.type == "cuda"
+        for module in self.model.modules():  # quantized layers (quant/layers.py) have it
+            if hasattr(module, "batch_invariant"):
+                module.batch_invariant = config.batch_invariant
         head = self.model.lm_head
         # a quantized head (a drop-in module, not an nn.Linear) keeps its own kernel
         self.head_fp32 = head.weight.float() if fp32_logits and type(head) is nn.Linear \

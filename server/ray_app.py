@@ -33,7 +33,15 @@ from ray import serve
 
 from server.api import ServerSettings, build_app
 from server.async_engine import AsyncEngine
-from server.cli import API_KEY_ENV, CLIError, bind, build_parser, check_args, load
+from server.cli import (
+    API_KEY_ENV,
+    CLIError,
+    bind,
+    build_parser,
+    check_args,
+    engine_config,
+    load,
+)
 from server.engine import EngineConfig, LLMEngine
 
 logger = logging.getLogger(__name__)
@@ -92,11 +100,7 @@ def replica_options(args: argparse.Namespace) -> dict:
 def application(args: argparse.Namespace, **settings: object) -> serve.Application:
     """The bound deployment for serve.run, from fanformer-serve's (checked) flags;
     `settings` overrides ServerSettings fields that have no flag (tests: max_request_bytes)."""
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                          kv_cache_gib=args.kv_cache_gib,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_queue_len=args.max_queue_len, device=args.device,
-                          dtype=args.dtype)
+    config = engine_config(args)
     server_settings = ServerSettings(
         served_model_name=args.served_model_name or "",  # "": the checkpoint's name
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,

@@ -46,6 +46,9 @@ def quantized(request, tmp_path_factory, checkpoint):
                  *FAST, *extra]) == 0
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(qlayers, "W8A8_MIN_WEIGHTS", threshold)
+        # the reference loop runs the layers directly: the same one-kernel policy as the
+        # engine's --batch_invariant below
+        patch.setattr(qlayers.QuantLinear, "batch_invariant", True)
         yield out
 
 
@@ -54,7 +57,8 @@ def _run(model, tokenizer, requests, dtype, budget=512):
     engine runs where the model is."""
     device = model.embed.weight.device.type
     engine = LLMEngine(model, tokenizer, EngineConfig(dtype=dtype, max_num_seqs=8, device=device,
-                                                      max_num_batched_tokens=budget))
+                                                      max_num_batched_tokens=budget,
+                                                      batch_invariant=True))
     for rid, (prompt, params) in requests.items():
         engine.add_request(rid, prompt, params)
     out = {rid: [] for rid in requests}

@@ -112,8 +112,10 @@ def _layers():
 @pytest.fixture(params=["weight-only", "w8a8"])
 def kernel(request, monkeypatch):
     """Run a test under each kernel family: the size threshold moved so that every layer
-    that has a weight-only kernel uses it, or so that every layer runs w8a8."""
+    that has a weight-only kernel uses it, or so that every layer runs w8a8 (as a batch
+    invariant layer does at any row count)."""
     monkeypatch.setattr(qlayers, "W8A8_MIN_WEIGHTS", 0 if request.param == "w8a8" else 1 << 40)
+    monkeypatch.setattr(qlayers.QuantLinear, "batch_invariant", True)
     return request.param
 
 
@@ -132,14 +134,20 @@ def test_kernels_match_reference(rows, kernel, device):
         assert y.dtype == x.dtype and y.shape == (rows, layer.out_features)
 
 
-def test_each_layer_has_one_kernel_whatever_the_rows():
-    """Weight-only kernels for small layers where the format has one; w8a8 for big layers
-    and for formats without one (3-bit GPTQ); the choice never looks at the input."""
+def test_small_layers_have_one_kernel_and_big_ones_switch_unless_batch_invariant(
+        monkeypatch):
+    """Weight-only kernels for small layers where the format has one, at every row count;
+    w8a8 for formats without one (3-bit GPTQ). Big layers (2^18 weights) run weight-only up
+    to SMALL_BATCH_ROWS rows and w8a8 above, or w8a8 at every row count when batch
+    invariant."""
     for name, layer in _layers():
         expected = "w8a8" if name == "gptq-3bit" else "weight-only"
-        assert layer.kernel_name() == expected, name
+        assert {layer.kernel_name(r) for r in (1, 4, 5, 64)} == {expected}, name
     head = gptq_layer(rtn_quantize(_weight(1024, 256), 4, 64), None, 4, 64)  # 2^18 weights
-    assert head.kernel_name() == "w8a8"
+    rows = [1, qlayers.SMALL_BATCH_ROWS, qlayers.SMALL_BATCH_ROWS + 1, 64]
+    assert [head.kernel_name(r) for r in rows] == ["weight-only"] * 2 + ["w8a8"] * 2
+    monkeypatch.setattr(head, "batch_invariant", True)
+    assert {head.kernel_name(r) for r in rows} == {"w8a8"}
 
 
 def _int4_head():
