@@ -62,8 +62,9 @@ def linear_only_ms(model, batch: int, dtype: torch.dtype, repeats: int = 20) -> 
     return statistics.median(times[3:]) * 1e3
 
 
-def profile(model, batch: int, mode: str, steps: int) -> dict:
-    engine = LLMEngine(model, byte_tokenizer(), EngineConfig(max_num_seqs=max(batch, 1)))
+def profile(model, batch: int, mode: str, steps: int, fp32_logits: bool = False) -> dict:
+    engine = LLMEngine(model, byte_tokenizer(), EngineConfig(max_num_seqs=max(batch, 1),
+                                                             fp32_logits=fp32_logits))
     params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, seed=0, **MODES[mode])
     for i, p in enumerate(prompts(batch, 64, model.config.vocab_size, 0)):
         engine.add_request(f"r{i}", p, params)
@@ -99,6 +100,8 @@ def main() -> None:
     p.add_argument("--single_thread_max", type=int, default=None,
                    help="override the engine's SINGLE_THREAD_MAX_TOKENS (steps of at most "
                         "this many tokens run on one thread)")
+    p.add_argument("--fp32_logits", action="store_true",
+                   help="the LM head in fp32 (EngineConfig.fp32_logits)")
     args = p.parse_args()
     if args.single_thread_max is not None:
         engine_module.SINGLE_THREAD_MAX_TOKENS = args.single_thread_max
@@ -112,7 +115,7 @@ def main() -> None:
     for batch in args.batch:
         linears = linear_only_ms(model, batch, dtype)
         for mode in MODES:
-            r = profile(model, batch, mode, args.steps)
+            r = profile(model, batch, mode, args.steps, args.fp32_logits)
             print(f"| {batch} | {mode} | {r['step_ms']:.1f} | {r['forward_ms']:.1f} "
                   f"| {linears:.1f} | {r['sampler_ms']:.1f} | {r['rest_ms']:.1f} "
                   f"| {r['tok_s']:.0f} | {linears / r['step_ms']:.2f} |", flush=True)
