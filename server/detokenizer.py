@@ -39,6 +39,7 @@ class IncrementalDetokenizer:
         self.min_tokens = min_tokens
         self.num_tokens = 0  # tokens added, hidden ones included
         self.armed_at: int | None = 0 if min_tokens == 0 else None  # text offset
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
 
@@ -98,10 +99,7 @@ class IncrementalDetokenizer:
 
     def _find(self, stop: str, start: int) -> int:
         """The first occurrence of `stop` from `start` that ends after `armed_at`, or -1."""
-        index = self.text.find(stop, start)
-        while 0 <= index and index + len(stop) <= self.armed_at:
-            index = self.text.find(stop, index + 1)
-        return index
+        return self.text.find(stop, max(start, self.armed_at - len(stop) + 1))
 
     def _held_back(self) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of a stop string."""

@@ -221,7 +221,7 @@ class LLMEngine:
     def _postprocess(self, plan: SchedulerPlan, logits: torch.Tensor,
                      rows: list[list[int]]) -> list[RequestOutput]:
         sampling = [(c, r[-1]) for c, r in zip(plan.chunks, rows)
-                    if c.samples and c.request.max_tokens > 0]
+                    if c.samples and c.request.params.max_tokens > 0]
         tokens = sample(logits[[r for _, r in sampling]],
                         [c.request for c, _ in sampling]) if sampling else []
         token_of = {id(c): t for (c, _), t in zip(sampling, tokens)}

@@ -102,9 +102,9 @@ class StepAttention:
             if all(s.slot == first + i for i, s in enumerate(dec)):
                 self.dec_view = slice(first, first + n_dec)
             else:
-                self.dec_index = to_device([s.slot for s in dec], device)
+                self.dec_index = self.write_slots[:n_dec]  # one token each: same order
             keys = torch.arange(self.dec_span, device=device)
-            last = to_device([s.start for s in dec], device)
+            last = self.write_pos[:n_dec]  # (D,) each decode row's position
             self.dec_mask = (keys[None, :] <= last[:, None])[:, None, None, :]  # (D,1,1,S)
         # prefill chunks: (token offset in the batch, slot, start, length, causal mask)
         self.chunks = []

@@ -1,8 +1,6 @@
-"""Sampling parameters (checked when built) and the batched sampler the engine calls.
+"""The batched sampler the engine calls (`SamplingParams` lives in server/sampling_params.py).
 
-`SamplingParams` is what one engine request asks for; building one with a value out of
-range raises ValueError naming the field and its valid range, and `validate(vocab_size)`
-adds the one check that needs the model (token ids). `sample` turns one step's logits (one
+`sample` turns one step's logits (one
 row per request that samples this step) into token ids in one batched pass: per-row
 temperature, top-k, top-p, min-p, penalties and logit bias as tensors, top-p by rejection
 (no sort), and a single host sync. Each sampled row takes two uniforms from its request's
@@ -32,6 +30,11 @@ _NEG_INF = float("-inf")
 # buckets per row, and only the bucket that holds the nucleus boundary is ordered exactly
 TOP_P_BUCKETS = 2048
 TOP_P_SPAN = 40.0  # nats; exp(-40) = 4e-18
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    """Per-row parameters as an fp32 (R, 1) column that broadcasts over the vocabulary."""
+    return torch.tensor(values, device=device, dtype=torch.float32)[:, None]
 
 
 def _row_uniforms(request: Request) -> torch.Tensor:
@@ -108,16 +111,17 @@ def _edit_logits(x: torch.Tensor, requests: list[Request]) -> None:
         index = torch.tensor(penalized, device=device)
         rs = [requests[i] for i in penalized]
         sub = x[index]  # (P, V)
-        column = lambda values: torch.tensor(values, device=device)[:, None]  # (P, 1)
-        rep = column([r.params.repetition_penalty for r in rs])
-        seen = torch.stack([r.seen_mask(vocab, device) for r in rs])
-        # a penalty that is 0 in fp32 (5e-324) divides by zero: keep the boosted logits
-        # finite, or the softmax turns them into NaN
-        repeated = torch.where(sub > 0, sub / rep, sub * rep).clamp(max=_FP32_MAX)
-        sub = torch.where(seen, repeated, sub)
-        counts = torch.stack([r.output_counts(vocab, device) for r in rs])
-        sub = (sub - column([r.params.frequency_penalty for r in rs]) * counts
-               - column([r.params.presence_penalty for r in rs]) * (counts > 0))
+        if any(r.params.repetition_penalty != 1.0 for r in rs):
+            rep = _column([r.params.repetition_penalty for r in rs], device)
+            seen = torch.stack([r.seen_mask(vocab, device) for r in rs])
+            # a penalty that is 0 in fp32 (5e-324) divides by zero: keep the boosted logits
+            # finite, or the softmax turns them into NaN
+            repeated = torch.where(sub > 0, sub / rep, sub * rep).clamp(max=_FP32_MAX)
+            sub = torch.where(seen, repeated, sub)
+        if any(r.params.presence_penalty or r.params.frequency_penalty for r in rs):
+            counts = torch.stack([r.output_counts(vocab, device) for r in rs])
+            sub = (sub - _column([r.params.frequency_penalty for r in rs], device) * counts
+                   - _column([r.params.presence_penalty for r in rs], device) * (counts > 0))
         x[index] = sub
     banned = [(i, t) for i, r in enumerate(requests) if r.below_min_tokens
               for t in r.stop_ids]
@@ -138,25 +142,25 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor
     passes over the logits instead of ordering any of them.
     """
     vocab, device = x.shape[1], x.device
-    column = lambda values: torch.tensor(values, device=device, dtype=torch.float32)[:, None]
-    x.div_(column([p.temperature for p in params]))  # x is the sampler's own copy
+    x.div_(_column([p.temperature for p in params], device))  # x is the sampler's own copy
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if any(top_k):
         values = torch.topk(x, max(top_k), dim=-1).values  # (S, k_max), best first
         kth = values.gather(1, torch.tensor([max(k, 1) - 1 for k in top_k], device=device)[:, None])
-        kth = torch.where(column(top_k) > 0, kth, _NEG_INF)
+        kth = torch.where(_column(top_k, device) > 0, kth, _NEG_INF)
         x.masked_fill_(x < kth, _NEG_INF)
     top = x.amax(-1, keepdim=True)  # (S, 1): every filter keeps the top token
     weights = torch.sub(x, top).exp_()  # (S, V): the top-k distribution, the top weighs 1
     kept = weights
     if any(p.min_p > 0 for p in params):  # p_i < min_p * p_max <=> x_i < x_max + log(min_p)
-        floor = column([math.log(p.min_p) if p.min_p > 0 else _NEG_INF for p in params])
+        floor = _column([math.log(p.min_p) if p.min_p > 0 else _NEG_INF for p in params],
+                        device)
         kept = weights.masked_fill(x < top + floor, 0.0)
     tokens, valid = _inverse_cdf(kept, uniforms[:, 0])
     nucleus = [i for i, p in enumerate(params) if p.top_p < 1]
     if nucleus:
         rows = torch.tensor(nucleus, device=device)
-        top_p = column([params[i].top_p for i in nucleus])  # (P, 1)
+        top_p = _column([params[i].top_p for i in nucleus], device)  # (P, 1)
         every = len(nucleus) == len(params)
         sub = weights if every else weights[rows]  # (P, V)
         w = sub.gather(1, (tokens if every else tokens[rows])[:, None])  # (P, 1) drawn
@@ -164,8 +168,9 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor
         missed = ((w < 1) & (above >= top_p * sub.sum(-1, keepdim=True)))[:, 0]
         if bool(missed.any()):
             redo = rows[missed]
-            threshold = _top_p_threshold(x[redo], weights[redo], top[redo], top_p[missed])
-            inside = kept[redo].masked_fill_(x[redo] < threshold, 0.0)
+            xr = x[redo]
+            threshold = _top_p_threshold(xr, weights[redo], top[redo], top_p[missed])
+            inside = kept[redo].masked_fill_(xr < threshold, 0.0)
             tokens[redo], _ = _inverse_cdf(inside, uniforms[redo, 1])
     return tokens, valid
 

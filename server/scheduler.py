@@ -15,8 +15,10 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from server.request import Request
+if TYPE_CHECKING:  # the scheduler reads a Request's ids and progress fields only
+    from server.request import Request
 
 
 @dataclass
