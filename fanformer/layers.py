@@ -8,6 +8,7 @@ knows about caches, tokenizers or training.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -72,13 +73,18 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(u)) * self.up(u))
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, hd) rotated (rotate-half layout) by cos/sin (B, T, 1, hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE (rotate-half layout) with a precomputed fp32 cos/sin table indexed by position.
 
     The rotation runs in the activations' dtype, as HF's Llama does: in bf16 inference an
-    fp32 round trip cost four casts per layer for no gain the bf16 result can keep. Every
-    layer of one forward asks for the same positions, so the last tables are reused while
-    the same (unchanged) positions tensor comes back.
+    fp32 round trip cost four casts per layer for no gain the bf16 result can keep. A
+    forward over many layers takes the tables once (`at`) and hands them to every layer.
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
@@ -87,25 +93,27 @@ class RotaryEmbedding(nn.Module):
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", angles.cos(), persistent=False)  # (S, hd/2)
         self.register_buffer("sin", angles.sin(), persistent=False)
-        self._last: tuple | None = None  # (positions, its version, dtype, cos, sin)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, T, 1, hd/2) in `dtype` for positions (B, T)."""
-        # inference tensors keep no version counter (the engine makes new positions a step)
-        version = None if positions.is_inference() else positions._version
-        last = self._last
-        if last is None or last[0] is not positions or last[1] != version or last[2] != dtype:
-            cos = self.cos[positions].unsqueeze(2).to(dtype)  # (B, T, 1, hd/2)
-            sin = self.sin[positions].unsqueeze(2).to(dtype)
-            self._last = last = (positions, version, dtype, cos, sin)
-        return last[3], last[4]
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
+        """The cos/sin tables of positions (B, T) in `dtype`, for every layer of a forward."""
+        cos = self.cos[positions].unsqueeze(2).to(dtype)  # (B, T, 1, hd/2)
+        return RotaryTables(cos, self.sin[positions].unsqueeze(2).to(dtype))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (B, T, H, hd), positions: (B, T) -> x rotated by its positions."""
-        cos, sin = self.tables(positions, x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return self.at(positions, x.dtype)(x, positions)
+
+
+@dataclass(frozen=True)
+class RotaryTables:
+    """A RotaryEmbedding bound to one forward's positions: called like the module (the
+    positions argument is the one the tables were taken for)."""
+
+    cos: torch.Tensor  # (B, T, 1, hd/2)
+    sin: torch.Tensor
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return _rotate(x, self.cos, self.sin)
 
 
 def init_weights(module: nn.Module, n_layers: int) -> None:

@@ -167,8 +167,9 @@ class FANformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids)  # (B, T, d)
+        rope = self.rope.at(positions, x.dtype)  # every layer rotates with the same tables
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, self.rope, i, kv_cache)
+            x = block(x, positions, rope, i, kv_cache)
         return self.norm(x)
 
     def reset_buffers(self, device: torch.device | str) -> None:
