@@ -216,7 +216,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from fanformer.checkpoint import DEMO_CHECKPOINT
-    from server.api import ServerSettings, build_app
+    from server.api import build_app
     from server.async_engine import AsyncEngine
     from server.connections import limits_protocol
     from server.drain import AFTER_ABORT_S, DrainingServer
@@ -237,10 +237,7 @@ def serve(args: argparse.Namespace) -> None:
     logger.info("loaded %s (%s, %s on %s); KV cache: %d slots x %d tokens = %.1f MiB",
                 path, describe_quantization(path), config.dtype, args.device, stats.num_slots,
                 llm.max_model_len, llm.pool.nbytes / 2**20)
-    settings = ServerSettings(
-        served_model_name=args.served_model_name or name,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-        cors_origins=tuple(args.cors_origins), shutdown_timeout=args.shutdown_timeout)
+    settings = server_settings(args, name)
     app = build_app(engine, settings)
     logger.info("serving %r on http://%s:%d", settings.served_model_name, args.host, port)
     # SIGTERM drains (server/drain.py): new requests get 503 while the running ones finish
@@ -293,6 +290,19 @@ def engine_config(args: argparse.Namespace):
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         max_queue_len=args.max_queue_len, device=args.device,
                         dtype=args.dtype, batch_invariant=args.batch_invariant)
+
+
+def server_settings(args: argparse.Namespace, name: str = "", **extra):
+    """The ServerSettings of fanformer-serve's flags; `name` is the served model name when
+    --served_model_name is not given ("": the checkpoint's, filled in by the replica, with
+    --ray), `extra` sets fields that have no flag (tests: max_request_bytes)."""
+    from server.api import ServerSettings
+
+    return ServerSettings(
+        served_model_name=args.served_model_name or name,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        cors_origins=tuple(args.cors_origins), shutdown_timeout=args.shutdown_timeout,
+        **extra)
 
 
 def idle_threads_sleep() -> bool:

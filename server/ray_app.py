@@ -34,13 +34,13 @@ from ray import serve
 from server.api import ServerSettings, build_app
 from server.async_engine import AsyncEngine
 from server.cli import (
-    API_KEY_ENV,
     CLIError,
     bind,
     build_parser,
     check_args,
     engine_config,
     load,
+    server_settings,
 )
 from server.engine import EngineConfig, LLMEngine
 
@@ -101,16 +101,12 @@ def application(args: argparse.Namespace, **settings: object) -> serve.Applicati
     """The bound deployment for serve.run, from fanformer-serve's (checked) flags;
     `settings` overrides ServerSettings fields that have no flag (tests: max_request_bytes)."""
     config = engine_config(args)
-    server_settings = ServerSettings(
-        served_model_name=args.served_model_name or "",  # "": the checkpoint's name
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-        cors_origins=tuple(args.cors_origins), shutdown_timeout=args.shutdown_timeout,
-        **settings)
+    replica_settings = server_settings(args, **settings)  # name "": the checkpoint's
     checkpoint = None if args.checkpoint is None else os.path.abspath(args.checkpoint)
     threads = max(1, math.floor(args.replica_cpus))
     return serve.deployment(FanformerReplica, name="FanformerReplica",
-                            **replica_options(args)).bind(checkpoint, config, server_settings,
-                                                                 threads)
+                            **replica_options(args)).bind(checkpoint, config, replica_settings,
+                                                          threads)
 
 
 def check_ray_args(args: argparse.Namespace) -> None:
