@@ -452,7 +452,7 @@ def test_full_queue_is_429_with_retry_after(small):
             http.stream("POST", small.url + "/v1/completions", json=long) as running:
         assert running.status_code == 200  # holds the only slot
         waiting.start()
-        wait_until(lambda: small.engine.stats().num_waiting == 1)
+        wait_until(lambda: metric(small.url, "vllm:num_requests_waiting") == 1)
         refused = http.post(small.url + "/v1/completions", json={**long, "max_tokens": 2})
         assert refused.status_code == 429 and refused.headers["retry-after"] == "2"
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
@@ -461,7 +461,7 @@ def test_full_queue_is_429_with_retry_after(small):
             client.completions.create(model=MODEL, prompt="Alice", max_tokens=2)
     waiting.join(60)
     assert queued[0].status_code == 200  # it ran once the slot was free
-    wait_until(lambda: small.engine.stats().num_running == 0)
+    wait_until(lambda: metric(small.url, "vllm:num_requests_running") == 0)
 
 
 # ---------------------------------------------------------------- the command
@@ -470,11 +470,16 @@ def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
                           text=True, timeout=120, **kwargs)
 
 
-def spawn_server(checkpoint_dir, *args: str, **popen) -> tuple[subprocess.Popen, str]:
-    """`fanformer-serve` on a free loopback port in a subprocess -> (process, base URL)."""
+def free_port() -> int:
+    """A loopback port free now (for a server in another process to bind)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def spawn_server(checkpoint_dir, *args: str, **popen) -> tuple[subprocess.Popen, str]:
+    """`fanformer-serve` on a free loopback port in a subprocess -> (process, base URL)."""
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--checkpoint",
                              str(checkpoint_dir), "--port", str(port), "--dtype", "float32",
                              *args], text=True, **popen)

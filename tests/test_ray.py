@@ -8,7 +8,6 @@ autoscaling, 1 vs 2 replicas) are bench/ray_scale.py's; docs/SERVING.md has thei
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import httpx
@@ -23,6 +22,7 @@ from tests.conftest import make_model
 from tests.test_api import (  # noqa: F401 - collected here, run against the Ray endpoint
     KEY,
     MODEL,
+    free_port,
     metric,
     test_chat_include_usage_matches_non_stream,
     test_completion_response_shape,
@@ -54,12 +54,6 @@ class Endpoint:
 
     def __init__(self, url: str):
         self.url = url
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deploy(checkpoint, *flags: str, **settings) -> None:
@@ -154,24 +148,9 @@ def small(srv, checkpoint):
     return srv
 
 
-def test_full_queue_is_429_with_retry_after_through_ray(small):
-    headers = {"Authorization": f"Bearer {KEY}"}
-    long = {"model": MODEL, "prompt": "Alice", "max_tokens": 400, "ignore_eos": True,
-            "stream": True}
-    queued = []
-    waiting = threading.Thread(target=lambda: queued.append(httpx.post(
-        small.url + "/v1/completions", headers=headers, timeout=60,
-        json={**long, "stream": False, "max_tokens": 2})))
-    with httpx.Client(headers=headers, timeout=60) as http, \
-            http.stream("POST", small.url + "/v1/completions", json=long) as running:
-        assert running.status_code == 200  # holds the only slot
-        waiting.start()
-        wait_until(lambda: metric(small.url, "vllm:num_requests_waiting") == 1)
-        refused = http.post(small.url + "/v1/completions", json={**long, "max_tokens": 2})
-        assert refused.status_code == 429 and refused.headers["retry-after"] == "2"
-        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
-    waiting.join(60)
-    assert queued[0].status_code == 200  # it ran once the slot was free
+# test_api.py's, against the one-replica deployment (waits on /metrics, not the engine)
+test_full_queue_is_429_with_retry_after_through_ray = \
+    test_api.test_full_queue_is_429_with_retry_after
 
 
 def test_flags_ray_cannot_honour_are_one_line_errors():
