@@ -98,3 +98,16 @@ def test_seeded_sampling_alone_equals_in_a_crowd(quantized, dtype, device):
     if dtype == "float32":
         assert alone == generate(model, PROMPTS[1], 10, temperature=0.9, top_k=50, top_p=0.9,
                                  generator=torch.Generator(device).manual_seed(1234))
+
+
+@pytest.mark.parametrize("invariant", [False, True])
+def test_engine_sets_batch_invariant_on_every_quantized_layer(quantized, invariant):
+    """LLMEngine copies EngineConfig.batch_invariant onto each QuantLinear instance (the
+    fixture's class-level True is only the reference loop's policy): False overrides it."""
+    model, tokenizer = load_any_checkpoint(quantized, "cpu", dtype=torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, qlayers.QuantLinear)]
+    assert layers and not any("batch_invariant" in vars(m) for m in layers)
+    LLMEngine(model, tokenizer, EngineConfig(dtype="float32", max_num_seqs=1,
+                                             batch_invariant=invariant))
+    assert [vars(m)["batch_invariant"] for m in layers] == [invariant] * len(layers)
+    assert all(m.batch_invariant is invariant for m in layers)
