@@ -40,15 +40,24 @@ def written_by(directory: str | Path) -> str | None:
         return None
 
 
-def check_output_dir(path: str | Path, writer: str, flag: str, overwrite: bool = False) -> None:
+def check_output_dir(path: str | Path, writer: str, flag: str, overwrite: bool = False,
+                     whole: bool = False) -> None:
     """Raise OutputError unless `path` is absent, an empty folder, `writer`'s own output, or
-    `overwrite` is set. `flag` names the option in the message (e.g. "--output")."""
+    `overwrite` is set. `flag` names the option in the message (e.g. "--output").
+
+    `whole`: the command replaces the folder as a whole (moves it aside and deletes it), so
+    `overwrite` is honoured only for a checkpoint folder (one holding config.json), never
+    for any other folder a user names (their home, a parent of the source)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path} is a file, not a folder; choose a folder path")
-    if overwrite or not path.exists() or not any(path.iterdir()):
+    if not path.exists() or not any(path.iterdir()) or written_by(path) == writer:
         return
-    if written_by(path) == writer:
+    if whole and not (path / "config.json").is_file():
+        raise OutputError(f"{flag} {path} is not empty and was not written by {writer}; choose "
+                          "a new or empty folder (--overwrite replaces only a checkpoint "
+                          "folder, one holding config.json)")
+    if overwrite:
         return
     raise OutputError(f"{flag} {path} is not empty and was not written by {writer}; choose "
                       "a new or empty folder, or pass --overwrite to replace what is there")

@@ -154,5 +154,6 @@ def check_args(args: TrainArgs, overrides: dict[str, Any]) -> tuple[TrainArgs, M
     check_output_dir(args.out_dir, RUN_WRITER, "--out_dir", args.overwrite)
     if args.export_dir:
         check_not_inside(args.export_dir, args.out_dir, "--export_dir", "--out_dir")
-        check_output_dir(args.export_dir, EXPORT_WRITER, "--export_dir", args.overwrite)
+        check_output_dir(args.export_dir, EXPORT_WRITER, "--export_dir", args.overwrite,
+                         whole=True)
     return dataclasses.replace(args, seq_len=seq_len), config

@@ -28,7 +28,7 @@ from fanformer.checkpoint import (
 )
 from fanformer.data import EVAL_TEXT, bits_per_byte
 from fanformer.flags import FlagParser
-from fanformer.outputs import MARKER, OutputError, check_output_dir, marker_text
+from fanformer.outputs import OutputError, check_not_inside, check_output_dir, write_marker
 from quant.calibration import DEFAULT_CALIB_TEXT, calibration_ids
 from quant.config import METHODS, QuantConfig, QuantError
 from quant.convert import block_linears, cast_float_tensors, load_quantized, write_quantized
@@ -135,7 +135,9 @@ def quantize(args) -> dict:
                          "quantize the original checkpoint")
     if output.resolve() == source.resolve():
         raise QuantError("--output must be a different directory from --checkpoint")
-    check_output_dir(output, PROG, "--output", args.overwrite)
+    # --output is replaced as a whole: never one that holds the source
+    check_not_inside(output, source, "--output", "--checkpoint")
+    check_output_dir(output, PROG, "--output", args.overwrite, whole=True)
     model, tokenizer = load_checkpoint(source, dtype=torch.float32)  # the math runs in fp32
     _check_shapes(model, qc)
     ids = None
@@ -158,7 +160,7 @@ def quantize(args) -> dict:
 
     with atomic_directory(output) as tmp:
         write_quantized(tmp, model, tokenizer, qc, metadata={"quantized_from": str(source)})
-        (tmp / MARKER).write_text(marker_text(PROG))
+        write_marker(tmp, PROG)
         del model
         qmodel, _ = load_quantized(tmp)  # measure what was written, as users will load it
         memory_after, rss_after = _tensor_bytes(qmodel), _rss()

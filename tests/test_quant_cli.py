@@ -125,3 +125,40 @@ def test_output_folder_of_an_earlier_quantize_is_replaced(tmp_path, checkpoint_d
     capsys.readouterr()
     assert main(argv) == 0
     assert not (out / "notes.txt").exists()
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path, checkpoint_dir,
+                                                                   capsys):
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "IMPORTANT.txt").write_text("mine")
+    argv = ["--method", "rtn", "--checkpoint", str(checkpoint_dir), "--output", str(out),
+            "--overwrite", *FAST]
+    _fails(capsys, argv, "replaces only a checkpoint folder")
+    assert sorted(p.name for p in out.iterdir()) == ["IMPORTANT.txt"]
+    assert (out / "IMPORTANT.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".home")]
+
+
+def test_overwrite_replaces_a_checkpoint_folder(tmp_path, checkpoint_dir, tokenizer, model,
+                                                capsys):
+    from fanformer.checkpoint import save_checkpoint
+
+    out = save_checkpoint(tmp_path / "other", model, tokenizer)  # holds config.json
+    argv = ["--method", "rtn", "--checkpoint", str(checkpoint_dir), "--output", str(out),
+            *FAST]
+    _fails(capsys, argv, "--overwrite")
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / QUANT_CONFIG_FILE).is_file()
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_output_holding_the_checkpoint_is_refused(tmp_path, checkpoint_dir, capsys,
+                                                  overwrite):
+    before = sorted(p.name for p in checkpoint_dir.iterdir())
+    for output in (checkpoint_dir.parent, checkpoint_dir):
+        argv = ["--method", "rtn", "--checkpoint", str(checkpoint_dir), "--output",
+                str(output), *overwrite, *FAST]
+        _fails(capsys, argv, "--checkpoint")
+    assert sorted(p.name for p in checkpoint_dir.iterdir()) == before
+    assert (tmp_path / "ckpt").is_dir()

@@ -342,3 +342,15 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     b = load_checkpoint(tmp_path / "two" / "checkpoints" / "step_00000004")[0]
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_overwrite_never_replaces_an_export_dir_that_is_not_a_checkpoint(tmp_path,
+                                                                          tokenizer_file,
+                                                                          capsys):
+    export = _user_folder(tmp_path / "export")
+    argv = common(tokenizer_file, tmp_path / "run", "--export_dir", str(export), "--overwrite")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "replaces only a checkpoint folder" in err[0], err
+    _survives(export)
+    assert not (tmp_path / "run").exists()
