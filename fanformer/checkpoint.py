@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from fanformer import hf
 from fanformer.config import VOCAB_MULTIPLE, ModelConfig, field_names
 from fanformer.model import FANformer
+from fanformer.outputs import MARKER
 from fanformer.tokenizer import Tokenizer
 
 FORMAT_VERSION = 2  # 1: ModelConfig nested under "model" (still read); 2: flat, HF-style
@@ -152,8 +153,8 @@ def export_checkpoint(source: str | Path, output: str | Path) -> Path:
             "tie_word_embeddings", "vocab_multiple", "transformers_version", *field_names()}
     extra = {k: v for k, v in body.items() if k not in ours}
     with atomic_directory(output) as tmp:
-        for file in source.iterdir():
-            if file.is_file() and file.name != CONFIG_FILE:
+        for file in source.iterdir():  # not the source's marker: it names the source's writer
+            if file.is_file() and file.name not in (CONFIG_FILE, MARKER):
                 shutil.copyfile(file, tmp / file.name)
         write_config(tmp, config, tokenizer, _SAFETENSORS_DTYPES[dtype], tied, **extra)
     return output

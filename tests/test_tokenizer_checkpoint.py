@@ -124,3 +124,14 @@ def _edit_config(d, **changes):
     body = json.loads((d / "config.json").read_text())
     body.update(changes)
     (d / "config.json").write_text(json.dumps({k: v for k, v in body.items() if v is not None}))
+
+
+def test_export_does_not_copy_the_source_output_marker(tmp_path, checkpoint_dir):
+    from fanformer.checkpoint import export_checkpoint
+    from fanformer.outputs import MARKER, write_marker, written_by
+
+    write_marker(checkpoint_dir, "fanformer-quantize")
+    out = export_checkpoint(checkpoint_dir, tmp_path / "exported")
+    assert not (out / MARKER).exists() and written_by(out) is None
+    assert (out / "model.safetensors").read_bytes() == (
+        checkpoint_dir / "model.safetensors").read_bytes()
