@@ -208,11 +208,8 @@ class Trainer:
         """The checkpoint's tokenizer on resume, else --tokenizer, else train one (rank 0)."""
         if self.resume_dir is not None:
             return Tokenizer.load(self.resume_dir)
-        if self.args.tokenizer:
-            path = Path(self.args.tokenizer)
-            if not (path / "tokenizer.json" if path.is_dir() else path).is_file():
-                raise DataError(f"tokenizer {path} does not exist")
-            return Tokenizer.load(path)
+        if self.args.tokenizer:  # train_args.check_args checked that it exists
+            return Tokenizer.load(self.args.tokenizer)
         path = self.out_dir / "tokenizer.json"
         if self.world.is_main and not path.is_file():
             size = vocab_size or ModelConfig.from_preset(self.args.preset).vocab_size
