@@ -19,6 +19,8 @@ PODMAN_CONF=${PODMAN_CONF-sandbox}  # sandbox: runc + ulimits this sandbox allow
 PORT=${PORT:-18123}
 WORK=${WORK:-/tmp/fanformer-docker}
 DEMO=$ROOT/fanformer/assets/demo
+ROOTFS=$WORK/.docker_check-rootfs  # the two folders it deletes and rebuilds: names only
+CTX=$WORK/.docker_check-ctx        # this script creates, so never a folder of the user's
 URL=http://127.0.0.1:$PORT
 mkdir -p "$WORK/build-pip"
 say() { printf '\n== %s\n' "$*"; }
@@ -37,11 +39,11 @@ fi
 
 if ! podman image exists "$BASE_IMAGE"; then
     say "base image $BASE_IMAGE: debootstrap bookworm + python3.11"
-    rm -rf "$WORK/rootfs"
+    rm -rf "$ROOTFS"
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-        bookworm "$WORK/rootfs" http://deb.debian.org/debian
-    rm -rf "$WORK"/rootfs/var/cache/apt/archives/*.deb "$WORK"/rootfs/var/lib/apt/lists/*
-    tar -C "$WORK/rootfs" -c . | podman import --change 'CMD ["python3"]' - "$BASE_IMAGE"
+        bookworm "$ROOTFS" http://deb.debian.org/debian
+    rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
+    tar -C "$ROOTFS" -c . | podman import --change 'CMD ["python3"]' - "$BASE_IMAGE"
 fi
 
 # pip settings for the dependency layers: the host's CAs and the local CPU torch wheel
@@ -71,10 +73,10 @@ start=$(date +%s); build "$IMAGE" 2>&1 | tee "$WORK/build1.log" | grep -E '^(STE
 echo "build: $(( $(date +%s) - start )) s"
 
 say "rebuild after a source-only change (a comment added to a copy of server/__init__.py)"
-rm -rf "$WORK/ctx" && mkdir "$WORK/ctx"
-cp -r "$ROOT"/{pyproject.toml,README.md,.dockerignore,Dockerfile,fanformer,quant,server} "$WORK/ctx/"
-echo "# source-only change" >> "$WORK/ctx/server/__init__.py"
-start=$(date +%s); ROOT=$WORK/ctx build "$IMAGE-srcchange" > "$WORK/build2.log" 2>&1
+rm -rf "$CTX" && mkdir "$CTX"
+cp -r "$ROOT"/{pyproject.toml,README.md,.dockerignore,Dockerfile,fanformer,quant,server} "$CTX/"
+echo "# source-only change" >> "$CTX/server/__init__.py"
+start=$(date +%s); ROOT=$CTX build "$IMAGE-srcchange" > "$WORK/build2.log" 2>&1
 echo "rebuild: $(( $(date +%s) - start )) s"
 grep -E '^STEP|Using cache' "$WORK/build2.log" | sed -n '1,20p'
 podman rmi "$IMAGE-srcchange" > /dev/null
@@ -92,9 +94,21 @@ wait_health() {  # up to 120 s
 run_ctr() {  # name, then the command; podman times HEALTHCHECKs with systemd, which a
     # sandbox may lack, and the image's polls port 8000: the checks below run it by hand
     local name=$1; shift
-    podman rm -f -t 0 "$name" > /dev/null 2>&1 || true
+    if podman container exists "$name"; then  # not ours to remove: it may be the user's
+        echo "docker_check: a container named $name already exists; remove it" \
+            "(podman rm -f $name) if it is a leftover of this script, then rerun" >&2
+        exit 1
+    fi
     podman run -d --name "$name" --network=host --no-healthcheck "$@" > /dev/null
     ctrs+=("$name")
+}
+start_streams() {  # 16 streamed completions of 500 tokens in the background, to $WORK/$1.N.sse
+    local i
+    for i in $(seq 16); do
+        curl -sN --max-time 120 "$URL/v1/completions" -H 'Content-Type: application/json' \
+            -d '{"prompt": "Once", "max_tokens": 500, "ignore_eos": true, "stream": true}' \
+            > "$WORK/$1.$i.sse" &
+    done
 }
 
 say "demo model: /health, HEALTHCHECK, a completion, a streamed chat"
@@ -112,11 +126,7 @@ curl -sN "$URL/v1/chat/completions" -H 'Content-Type: application/json' \
 echo "chat stream: $(grep -c '^data: {' "$WORK/chat.sse") chunks"
 
 say "SIGTERM drain: 16 streams of 500 tokens, 4 at a time, then podman stop -t 40"
-for i in $(seq 16); do
-    curl -sN --max-time 120 "$URL/v1/completions" -H 'Content-Type: application/json' \
-        -d '{"prompt": "Once", "max_tokens": 500, "ignore_eos": true, "stream": true}' \
-        > "$WORK/drain.$i.sse" &
-done
+start_streams drain
 sleep 2
 echo "tokens streamed before the stop: $(cat "$WORK"/drain.*.sse | grep -c '^data: {' || true)/8000"
 start=$(date +%s)
@@ -138,11 +148,7 @@ say "SIGTERM past --shutdown_timeout 2: the same 16 streams are aborted"
 run_ctr ff-abort "$IMAGE" fanformer-serve --host 127.0.0.1 --port "$PORT" --max_num_seqs 4 \
     --shutdown_timeout 2
 wait_health ff-abort
-for i in $(seq 16); do
-    curl -sN --max-time 120 "$URL/v1/completions" -H 'Content-Type: application/json' \
-        -d '{"prompt": "Once", "max_tokens": 500, "ignore_eos": true, "stream": true}' \
-        > "$WORK/abort.$i.sse" &
-done
+start_streams abort
 sleep 2
 start=$(date +%s)
 podman stop -t 40 ff-abort > /dev/null
