@@ -320,6 +320,7 @@ def markdown(report: dict) -> str:
 
 
 def write(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     out.with_suffix(".md").write_text(markdown(report))
 
@@ -350,6 +351,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.train_minutes is None:
         args.train_minutes = 0.5 if args.quick else 5.0
     args.train_data = str(Path(args.train_data).resolve())
+    if args.out.suffix == ".md":  # the report goes to its .md: it would replace the JSON
+        p.error(f"--out {args.out} ends in .md; name the JSON (the .md is written beside it)")
     if args.out.exists() or args.out.with_suffix(".md").exists():
         p.error(f"{args.out} (or its .md) exists; pass another --out")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="JSON of every point")
     args = sbs.parse_args([])  # side_by_side's defaults: anchors folder, cache, prompt shape
     own = p.parse_args()
+    if own.out and own.out.exists():  # before the long run, and never over a file
+        p.error(f"--out {own.out} exists; pass another --out")
     checkpoint = sbs.build_checkpoints(sbs.ANCHOR_PRESET, args.cache)["bf16"]
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     points = []
@@ -81,7 +83,8 @@ def main() -> None:
                                   f"{r['output_tok_s']:7.1f} tok/s (load {load:.2f})",
                                   flush=True)
     if own.out:
-        own.out.write_text(json.dumps(points, indent=1))
+        with open(own.out, "x") as f:  # "x": not even a file created during the run
+            f.write(json.dumps(points, indent=1))
     print("\n| mode | streams | " + " | ".join(own.variants) + " |")
     print("|---|---:|" + "---:|" * len(own.variants))
     for mode in own.modes:

@@ -101,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ModelConfig.from_preset(name)  # unknown presets fail here, listing the valid ones
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
     args.out = args.out or Path(f"side_by_side-{stamp}.json")
+    if args.out.suffix == ".md":  # the report goes to its .md: it would replace the JSON
+        p.error(f"--out {args.out} ends in .md; name the JSON (the .md is written beside it)")
     if args.out.exists() or args.out.with_suffix(".md").exists():
         p.error(f"{args.out} (or its .md) exists; pass another --out")
     return args
