@@ -7,31 +7,33 @@ SIGTERM (or Ctrl+C) drains (server/drain.py): new requests get 503, running ones
 The port is bound before the model loads, so a taken port fails at once. Every start-up
 failure (a missing checkpoint, a taken port, a bad flag value) is one line on stderr and a
 non-zero exit, never a traceback. Slow clients are timed out and open connections capped
-(server/connections.py). This module knows the command line and process lifecycle; the routes live
-in server/api.py, the batching in server/engine.py.
+(server/connections.py). This module knows the command line and process lifecycle; loading
+and binding live in server/launch.py (shared with server/ray_app.py, imported only with --ray),
+the routes in server/api.py, the batching in server/engine.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import math
 import os
-import socket
 import sys
 from pathlib import Path
 
 from fanformer.flags import FlagParser
+from server.launch import (
+    API_KEY_ENV,
+    CLIError,
+    bind,
+    engine_config,
+    load,
+    server_settings,
+)
 
-API_KEY_ENV = "FANFORMER_API_KEY"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
 logger = logging.getLogger("server")
-
-
-class CLIError(Exception):
-    """One line for the user."""
 
 
 def _port(text: str) -> int:
@@ -149,56 +151,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"checkpoint directory {args.checkpoint} does not exist")
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port), before the model loads: a taken port fails in a
-    second, not after a minute of loading. Not listening yet: until the server is up,
-    clients are refused rather than left waiting."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as e:
-        raise CLIError(f"cannot listen on {host}:{port}: unknown host ({e.strerror})") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        hint = {errno.EADDRINUSE: "another process uses it; stop it or choose another --port",
-                errno.EACCES: "ports below 1024 need privileges; choose another --port",
-                errno.EADDRNOTAVAIL: "that address is not on this machine; check --host",
-                }.get(e.errno, "")
-        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror.lower()}"
-                       f"{'; ' + hint if hint else ''}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def load(checkpoint: str | None, device: str, dtype: str):
-    """(model, tokenizer, name) from a plain or quantized checkpoint, or the demo model."""
-    from fanformer.checkpoint import DEMO_CHECKPOINT, CheckpointError
-    from quant import load_any_checkpoint
-    from server.engine import EngineConfig
-
-    if checkpoint is None:
-        path, name = DEMO_CHECKPOINT, "fanformer-demo"
-        if not (path / "config.json").is_file():
-            raise CLIError(f"the demo model is not built yet ({path} is missing); "
-                           "pass a checkpoint directory")
-    else:
-        path = Path(checkpoint)
-        name = path.resolve().name
-    try:
-        # plain or quantized, as quant_config.json says
-        torch_dtype = EngineConfig(dtype=dtype).torch_dtype()
-        model, tokenizer = load_any_checkpoint(path, device, torch_dtype)
-    except CheckpointError as e:
-        raise CLIError(str(e)) from None
-    except (RuntimeError, AssertionError) as e:  # e.g. CUDA asked for but not available
-        raise CLIError(f"cannot load {path} on {device}: {str(e).splitlines()[0]}") from None
-    return model, tokenizer, name
-
-
 def describe_quantization(checkpoint: str | Path) -> str:
     """"gptq 4-bit, group size 128" or "not quantized", as quant_config.json says."""
     from fanformer.checkpoint import is_quantized
@@ -252,12 +204,28 @@ def serve(args: argparse.Namespace) -> None:
         raise CLIError("the server failed to start (the log above says why)")
 
 
-def serve_on_ray(args: argparse.Namespace) -> None:
+def _ray_app():
     try:
-        from server.ray_app import serve_on_ray as run
+        from server import ray_app
     except ImportError as e:
         raise CLIError(f"--ray needs Ray Serve ({e}); pip install 'fanformer[ray]'") from None
-    run(args)
+    return ray_app
+
+
+def serve_on_ray(args: argparse.Namespace) -> None:
+    ray_app = _ray_app()
+    check_args(args)
+    ray_app.serve_on_ray(args)
+
+
+def ray_app_builder(builder_args: dict[str, str]):
+    """For `serve run server.cli:ray_app_builder key=value ...` (Ray's CLI): the keys are
+    fanformer-serve's flags (checkpoint=DIR, num_replicas=2, max_replicas=4, ...)."""
+    ray_app = _ray_app()
+    args = build_parser().parse_args([f"--{key}={value}" for key, value in builder_args.items()])
+    check_args(args)
+    ray_app.check_ray_args(args)
+    return ray_app.application(args)
 
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:
@@ -279,30 +247,6 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
         return bool(libc.mallopt(-8, arenas))  # -8 is M_ARENA_MAX; 0 means refused
     except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to do
         return False
-
-
-def engine_config(args: argparse.Namespace):
-    """The EngineConfig of fanformer-serve's flags (one replica's, with --ray)."""
-    from server.engine import EngineConfig
-
-    return EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                        kv_cache_gib=args.kv_cache_gib,
-                        max_num_batched_tokens=args.max_num_batched_tokens,
-                        max_queue_len=args.max_queue_len, device=args.device,
-                        dtype=args.dtype, batch_invariant=args.batch_invariant)
-
-
-def server_settings(args: argparse.Namespace, name: str = "", **extra):
-    """The ServerSettings of fanformer-serve's flags; `name` is the served model name when
-    --served_model_name is not given ("": the checkpoint's, filled in by the replica, with
-    --ray), `extra` sets fields that have no flag (tests: max_request_bytes)."""
-    from server.api import ServerSettings
-
-    return ServerSettings(
-        served_model_name=args.served_model_name or name,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-        cors_origins=tuple(args.cors_origins), shutdown_timeout=args.shutdown_timeout,
-        **extra)
 
 
 def idle_threads_sleep() -> bool:

@@ -3,7 +3,7 @@
 Ray Serve (the optional `ray` extra) does what one process cannot: replicas spread over the
 machines of a Ray cluster behind one HTTP endpoint (Ray's proxy), added and removed with the
 number of ongoing requests (autoscaling), health-checked and restarted when they die, and
-drained before they stop. Each replica loads the model once (server/cli.py's `load`), builds
+drained before they stop. Each replica loads the model once (server/launch.py's `load`), builds
 its own `AsyncEngine` and the very app of server/api.py (`build_app`), so routes, errors and
 SSE are the single-process server's; Ray only routes HTTP to it.
 
@@ -14,8 +14,11 @@ routing by Ray rather than answering 503; a replica still busy at `graceful_shut
 is killed, so its unfinished streams end without `[DONE]`.
 
 This is the only server module that imports ray; the plain server never does (ruff's banned
-import and tests/test_layering.py). server/cli.py calls `serve_on_ray(args)`; `serve run
-server.ray_app:app_builder checkpoint=DIR num_replicas=2` works too (Ray's application builder).
+import and tests/test_layering.py). server/cli.py checks the flags and calls
+`serve_on_ray(args)`; `serve run server.cli:ray_app_builder checkpoint=DIR num_replicas=2`
+works too (Ray's application builder, also in server/cli.py). This module imports nothing
+from server/cli.py, so there is no import cycle: the shared start-up helpers are
+server/launch.py's.
 """
 
 from __future__ import annotations
@@ -33,16 +36,8 @@ from ray import serve
 
 from server.api import ServerSettings, build_app
 from server.async_engine import AsyncEngine
-from server.cli import (
-    CLIError,
-    bind,
-    build_parser,
-    check_args,
-    engine_config,
-    load,
-    server_settings,
-)
 from server.engine import EngineConfig, LLMEngine
+from server.launch import CLIError, bind, engine_config, load, server_settings
 
 logger = logging.getLogger(__name__)
 APP_NAME = "fanformer"
@@ -125,21 +120,10 @@ def check_ray_args(args: argparse.Namespace) -> None:
                        f"{args.target_ongoing_requests}")
 
 
-def app_builder(builder_args: dict[str, str]) -> serve.Application:
-    """For `serve run server.ray_app:app_builder key=value ...`: the keys are
-    fanformer-serve's flags (checkpoint=DIR, num_replicas=2, max_replicas=4, ...)."""
-    argv = [f"--{key}={value}" for key, value in builder_args.items()]
-    args = build_parser().parse_args(argv)
-    check_args(args)
-    check_ray_args(args)
-    return application(args)
-
-
 def serve_on_ray(args: argparse.Namespace) -> None:
     """Start (or join, with --address) a Ray cluster, run the app, wait for SIGTERM or
     Ctrl+C, then delete the app: Ray drains each replica (its graceful shutdown) and the
     engine stops in the app's lifespan."""
-    check_args(args)
     check_ray_args(args)
     bind(args.host, args.port).close()  # a taken port fails here, in a second
     local = args.address is None and not os.environ.get("RAY_ADDRESS")
