@@ -8,6 +8,9 @@ fixed-length windows of that stream (no padding); which windows a step reads is 
 function of (seed, sample index), so a resumed run reads exactly what the uninterrupted
 run would have, and each data-parallel rank takes its own slice of every global batch.
 
+With document masking (`fanformer-train --document_mask`) a window's positions restart
+after every EOS (`document_positions`), and the model attends within documents only.
+
 Bits per byte (total negative log-likelihood in nats / (ln 2 x UTF-8 bytes of the text))
 compares models whose tokenizers differ, which per-token perplexity cannot. This module
 knows nothing about optimizers or serving; `train.py` and `quant` call it.
@@ -216,6 +219,47 @@ class PackedBatches:
         return self.batch(first, micro_batch)
 
 
+def document_positions(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Positions (B, T) that restart at 0 after every EOS in ids (B, T).
+
+    The EOS belongs to the document it ends, so the token after it is position 0 of the
+    next one; the window's first token is position 0 too (its document's earlier text lies
+    outside the window). Handed to the model, they make attention block-diagonal per
+    document (`fanformer.model.document_mask`); a window without EOS gets 0..T-1.
+    """
+    T = ids.shape[-1]
+    index = torch.arange(T, device=ids.device).expand_as(ids)  # (B, T)
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, :-1] == eos_id
+    first = torch.where(starts, index, 0).cummax(dim=-1).values  # each token's document start
+    return index - first
+
+
+# ---- held-out text ----
+GUTENBERG_CREDIT = "Produced by "
+
+
+def strip_gutenberg(text: str) -> str:
+    """`text` without Project Gutenberg's transcriber credits, the one rule every score
+    of eval.txt applies (`read_eval_text`).
+
+    eval.txt is two Gutenberg books with the license header and footer already cut; what
+    is left of the boilerplate is one credit paragraph at the head of each book
+    ("Produced by an anonymous Project Gutenberg volunteer and Jose Menendez", "Produced by
+    David Widger. ..."). Rule: drop every paragraph (lines up to a blank line) whose first
+    line starts with "Produced by ", and the blank lines it leaves at the very start.
+    """
+    paragraphs = text.split("\n\n")
+    kept = [p for p in paragraphs if not p.lstrip("\n").startswith(GUTENBERG_CREDIT)]
+    return "\n\n".join(kept).lstrip("\n")
+
+
+def read_eval_text(path: str | Path = EVAL_TEXT) -> str:
+    """A held-out text as scored by every bits/byte evaluation of a file (the quant report,
+    bench/quant_quality.py): read as UTF-8, Gutenberg credits stripped (`strip_gutenberg`)."""
+    return strip_gutenberg(Path(path).read_text(encoding="utf-8", errors="replace"))
+
+
 # ---- evaluation ----
 def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
     """UTF-8 bytes each token id stands for (special tokens: 0), from the byte-level vocab.
@@ -234,8 +278,13 @@ def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_tokens(model: FANformer, tokens: np.ndarray, byte_lengths: torch.Tensor,
                     seq_len: int, batch_size: int = 8, max_tokens: int | None = None,
-                    autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Cross-entropy (nats/token) and bits/byte over non-overlapping windows of `tokens`."""
+                    autocast_dtype: torch.dtype | None = None,
+                    eos_id: int | None = None) -> dict[str, float]:
+    """Cross-entropy (nats/token) and bits/byte over non-overlapping windows of `tokens`.
+
+    With `eos_id`, positions restart after each EOS (document-masked attention, as
+    `--document_mask` trains); without, attention is plain causal over each window.
+    """
     ids = torch.from_numpy(np.asarray(tokens[: (max_tokens or len(tokens)) + 1], np.int64))
     device = model.embed.weight.device
     was_training = model.training
@@ -248,9 +297,10 @@ def evaluate_tokens(model: FANformer, tokens: np.ndarray, byte_lengths: torch.Te
         batch = torch.stack([F.pad(w, (0, width - len(w)), value=-100) for w in group])
         batch = batch.to(device)
         inputs, targets = batch[:, :-1].clamp(min=0), batch[:, 1:]  # (B, T)
+        positions = None if eos_id is None else document_positions(inputs, eos_id)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
-            logits = model(inputs)
+            logits = model(inputs, positions)
         nll += float(F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                      ignore_index=-100, reduction="sum"))
         valid = targets != -100

@@ -4,6 +4,9 @@ The model knows `(input_ids, positions, kv_cache)` and nothing else: the cache i
 the caller (the reference loop in `generate.py`, or the serving engine), which decides
 where each sequence's keys and values live. The model only asks the cache, once per layer,
 to store this step's keys/values and attend over what it holds (see `KVCache`).
+Without a cache, attention is causal over the window; positions that restart at 0 inside a
+row start a new document that attends only to itself (document-masked packing; which
+tokens end a document is the caller's business, see `fanformer.data.document_positions`).
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(c.head_dim, eps=c.norm_eps) if qkv_norm else None
         self.v_norm = nn.RMSNorm(c.head_dim, eps=c.norm_eps) if qkv_norm else None
 
-    def forward(self, h, positions, rope, layer, kv_cache=None):
+    def forward(self, h, positions, rope, layer, kv_cache=None, mask=None):
         B, T, _ = h.shape
         x_f = self.fan(h) if self.fan is not None else h  # (B, T, d)
         q, k, v = self.qkv(x_f).split(
@@ -93,8 +96,8 @@ class Attention(nn.Module):
         q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if kv_cache is None:
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=True,
+            out = F.scaled_dot_product_attention(  # mask None: the plain causal kernel
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True,
                 dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
         else:
             out = kv_cache.attend(layer, positions, q, k, v)  # (B, H, T, hd)
@@ -125,13 +128,28 @@ class Block(nn.Module):
     def _gated(gate: nn.Parameter | None, branch: torch.Tensor) -> torch.Tensor:
         return branch if gate is None else torch.sigmoid(gate).to(branch.dtype) * branch
 
-    def forward(self, x, positions, rope, layer, kv_cache=None):
+    def forward(self, x, positions, rope, layer, kv_cache=None, mask=None):
         h = self.attn_norm(x) if self.attn_norm is not None else x
-        a = self.attn(h, positions, rope, layer, kv_cache)
+        a = self.attn(h, positions, rope, layer, kv_cache, mask)
         y = x + self._gated(self.attn_gate, self.drop(a))
         n = self.ffn_norm(y)
         residual = y if self.prenorm_ffn else n  # post-norm: the normed stream is the residual
         return residual + self._gated(self.ffn_gate, self.drop(self.ffn(n)))
+
+
+def document_mask(positions: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal causal mask (B, 1, T, T) of a packed window, True = attend.
+
+    Token t belongs to document number (count of zeros in positions[: t + 1]): every 0
+    starts a document, so positions 0..T-1 are one document (the plain causal mask) and
+    positions that never reach 0 (a continuation) are one document too. An explicit
+    (B, T, T) mask takes SDPA off its fused causal kernel: this is the cost of packing
+    documents without letting them see each other (docs/TRAINING.md measures it).
+    """
+    doc = (positions == 0).cumsum(-1)  # (B, T)
+    T = positions.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()  # (T, T)
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
 
 
 class FANformer(nn.Module):
@@ -154,7 +172,9 @@ class FANformer(nn.Module):
         """input_ids (B, T) -> logits (B, T, vocab_size).
 
         Without a cache, attention is causal over the T tokens given (positions default to
-        0..T-1). With a cache, `positions` (B, T) say where each token sits in its sequence.
+        0..T-1); given positions that restart at 0 inside a row, each restart begins a
+        document that attends only to itself (`document_mask`). With a cache, `positions`
+        (B, T) say where each token sits in its sequence.
         """
         logits = self.lm_head(self.hidden_states(input_ids, positions, kv_cache))
         return logits[..., : self.config.vocab_size]  # (B, T, vocab)
@@ -164,12 +184,15 @@ class FANformer(nn.Module):
         """The final-normed hidden states (B, T, d) that the LM head reads; callers that need
         logits for a few rows only (the serving engine) apply `lm_head` to those rows."""
         B, T = input_ids.shape
+        mask = None
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        elif kv_cache is None:
+            mask = document_mask(positions)
         x = self.embed(input_ids)  # (B, T, d)
         rope = self.rope.at(positions, x.dtype)  # every layer rotates with the same tables
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, rope, i, kv_cache)
+            x = block(x, positions, rope, i, kv_cache, mask)
         return self.norm(x)
 
     def reset_buffers(self, device: torch.device | str) -> None:

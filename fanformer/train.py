@@ -8,8 +8,9 @@ master weights, clipping, periodic eval (cross-entropy and bits/byte), metrics a
 Lines, a loss-curve PNG, atomic checkpoints every N steps that `--resume` continues exactly.
 Ctrl-C / SIGTERM saves a checkpoint first. Under `torchrun` it is data-parallel (DDP):
 each rank reads its own slice of every global batch; only rank 0 logs and writes.
-Documents are packed with EOS between them and attention is plain causal over the window
-(no block-diagonal mask): see docs/TRAINING.md for why. Errors are one line, exit code 2.
+Documents are packed with EOS between them and attention is plain causal over the window,
+or block-diagonal per document with `--document_mask` (docs/TRAINING.md weighs the two).
+Errors are one line, exit code 2.
 """
 
 from __future__ import annotations

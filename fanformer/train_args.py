@@ -61,6 +61,9 @@ class TrainArgs:
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     activation_checkpointing: bool = field(default=False, metadata={
         "help": "recompute each block in backward (less memory, ~30%% slower)"})
+    document_mask: bool = field(default=False, metadata={
+        "help": "attention does not cross documents inside a packed window and positions "
+                "restart after each EOS (slower: no fused causal kernel; docs/TRAINING.md)"})
     seed: int = field(default=0, metadata={"help": "init, data order and dropout seed"})
     eval_every: int = field(default=200, metadata={"help": "steps between evals (0: end only)"})
     eval_tokens: int = field(default=65536, metadata={

@@ -6,8 +6,9 @@ the loop (gradient accumulation, bf16 autocast over fp32 master weights, clippin
 periodic eval, metrics JSON Lines, checkpoints). Resume restores model, optimizer, step
 (which fixes both the LR and the data position) and every rank's RNG. Under torchrun the
 model is wrapped in DDP and each rank reads its slice of every global batch; only rank 0
-writes. Documents are packed with EOS between them and attention is plain causal over the
-window (no block-diagonal mask; docs/TRAINING.md says why). The CLI lives in `train.py`.
+writes. Documents are packed with EOS between them; attention is plain causal over the
+window, or with `--document_mask` block-diagonal per document with positions restarting
+after each EOS (docs/TRAINING.md weighs the two). The CLI lives in `train.py`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from fanformer.data import (
     DataError,
     PackedBatches,
     TokenCache,
+    document_positions,
     evaluate_tokens,
     iter_lines,
     resolve_files,
@@ -45,8 +47,12 @@ from fanformer.outputs import MARKER, marker_text
 from fanformer.tokenizer import Tokenizer
 from fanformer.train_args import EXPORT_WRITER, TrainArgs
 
-# Arguments a resumed run must share with the run it continues (else the data order differs).
-RESUME_MUST_MATCH = ("seq_len", "batch_size", "grad_accum", "world_size", "seed")
+# Arguments a resumed run must share with the run it continues (else the data order, or
+# what the model sees of it, differs).
+RESUME_MUST_MATCH = ("seq_len", "batch_size", "grad_accum", "world_size", "seed",
+                     "document_mask")
+# What checkpoints written before an argument existed were trained with.
+RESUME_DEFAULTS = {"document_mask": False}
 
 
 def lr_at(step: int, args: TrainArgs, max_steps: int) -> float:
@@ -271,7 +277,8 @@ class Trainer:
         if self.resume_dir is not None:
             state = ts.load_training_checkpoint(self.resume_dir, self.model, self.optimizer,
                                                 world.rank)
-            changed = [k for k in RESUME_MUST_MATCH if state["args"][k] != self.run_args[k]]
+            saved_args = {**RESUME_DEFAULTS, **state["args"]}
+            changed = [k for k in RESUME_MUST_MATCH if saved_args[k] != self.run_args[k]]
             if changed:
                 raise CheckpointError(
                     f"{self.resume_dir} was trained with different "
@@ -298,7 +305,9 @@ class Trainer:
     def evaluate(self, max_tokens: int | None) -> dict[str, Any]:
         return evaluate_tokens(self.model, self.eval_tokens, self.byte_lengths,
                                self.args.seq_len, max_tokens=max_tokens,
-                               autocast_dtype=torch.bfloat16 if self.use_bf16 else None)
+                               autocast_dtype=torch.bfloat16 if self.use_bf16 else None,
+                               eos_id=self.tokenizer.eos_id if self.args.document_mask
+                               else None)
 
     def save(self) -> None:
         """Checkpoint the current step (every rank takes part: its RNG state is gathered)."""
@@ -330,12 +339,14 @@ class Trainer:
                                                       args.batch_size, args.grad_accum,
                                                       world.size)
             inputs, targets = inputs.to(self.device), targets.to(self.device)  # (B, T)
+            positions = (document_positions(inputs, self.tokenizer.eos_id)  # (B, T)
+                         if args.document_mask else None)
             last = micro == args.grad_accum - 1
             sync = self.runner.no_sync() if world.distributed and not last else nullcontext()
             with sync:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16,
                                     enabled=self.use_bf16):
-                    logits = self.runner(inputs)  # (B, T, V)
+                    logits = self.runner(inputs, positions)  # (B, T, V)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
                 (loss / args.grad_accum).backward()
             loss_sum += float(loss.detach())

@@ -14,10 +14,13 @@ from fanformer.data import (
     PackedBatches,
     TokenCache,
     bits_per_byte,
+    document_positions,
     evaluate_tokens,
     iter_documents,
+    read_eval_text,
     resolve_files,
     split_tokens,
+    strip_gutenberg,
     token_byte_lengths,
 )
 from tests.conftest import FIXTURES, make_model
@@ -130,3 +133,36 @@ def test_evaluate_tokens_matches_bits_per_byte(tokenizer):
     assert ours["tokens"] == reference["tokens"]
     assert ours["bytes"] == reference["bytes"]
     assert ours["bits_per_byte"] == pytest.approx(reference["bits_per_byte"], rel=1e-5)
+
+
+def test_document_positions_restart_after_each_eos():
+    E = 0
+    ids = torch.tensor([[5, E, 3, 4, E, E, 7], [1, 2, 3, 4, 5, 6, E]])
+    assert document_positions(ids, E).tolist() == [[0, 1, 0, 1, 2, 0, 0],
+                                                    [0, 1, 2, 3, 4, 5, 6]]
+
+
+def test_eval_text_loses_exactly_the_two_gutenberg_credits():
+    raw = EVAL_TEXT.read_text(encoding="utf-8")
+    text = read_eval_text()
+    assert "Produced by" in raw and "Produced by" not in text
+    assert text.startswith("THE ADVENTURES OF SHERLOCK HOLMES")
+    credits = [p for p in raw.split("\n\n") if p.startswith("Produced by")]
+    assert len(credits) == 2 and "David Widger" in credits[1]
+    # nothing else: the removed bytes are the two paragraphs and one separator each
+    assert len(raw) - len(text) == sum(len(c) + 2 for c in credits)
+    assert strip_gutenberg(text) == text
+
+
+def test_document_masked_eval_equals_plain_eval_without_eos(tokenizer):
+    model = make_model(vocab_size=tokenizer.vocab_size)
+    tokens = np.asarray(tokenizer.encode(EVAL_TEXT.read_text()[:3000]), dtype=np.uint16)
+    lengths = token_byte_lengths(tokenizer)
+    plain = evaluate_tokens(model, tokens, lengths, seq_len=64)
+    masked = evaluate_tokens(model, tokens, lengths, seq_len=64, eos_id=tokenizer.eos_id)
+    assert masked["bits_per_byte"] == pytest.approx(plain["bits_per_byte"], rel=1e-5)
+    with_eos = tokens.copy()
+    with_eos[100] = tokenizer.eos_id  # now one window holds two documents
+    masked = evaluate_tokens(model, with_eos, lengths, seq_len=64, eos_id=tokenizer.eos_id)
+    plain = evaluate_tokens(model, with_eos, lengths, seq_len=64)
+    assert masked["bits_per_byte"] != pytest.approx(plain["bits_per_byte"], rel=1e-6)

@@ -172,3 +172,52 @@ def test_parameter_count_of_the_original_shape():
         from fanformer.model import FANformer
         model = FANformer(ModelConfig.from_preset("fanformer-92m"))
     assert model.num_parameters() == 72_117_660
+
+
+# ---- document-masked packing (fanformer-train --document_mask) ----
+def _documents(vocab: int, eos: int, lengths: list[int], seed: int) -> list[torch.Tensor]:
+    """Random documents of the given lengths, each ending with EOS (no EOS inside)."""
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for n in lengths:
+        body = torch.randint(1, vocab, (n - 1,), generator=g)
+        body[body == eos] = eos + 1
+        docs.append(torch.cat([body, torch.tensor([eos])]))
+    return docs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_document_masked_forward_equals_each_document_alone(family, device):
+    """Two packed rows with different splits (the last document of each row is cut by the
+    window, as in training): each document's logits equal the document run alone."""
+    from fanformer.data import document_positions
+
+    model = _model(family).to(device)
+    eos = 3
+    rows = [[5, 9, 1, 12, 4], [14, 2, 2, 13]]  # document lengths, EOS included
+    packed, alone = [], []
+    for r, lengths in enumerate(rows):
+        docs = _documents(model.config.vocab_size, eos, lengths, seed=r)
+        docs[-1] = docs[-1][:-1]  # the window ends mid-document: no EOS at its end
+        packed.append(torch.cat(docs))
+        with torch.no_grad():
+            alone.append(torch.cat([model(d[None].to(device))[0] for d in docs]))
+    ids = torch.stack(packed).to(device)  # (2, 30) and (2, 30): both rows are 30 tokens
+    positions = document_positions(ids, eos)
+    with torch.no_grad():
+        masked = model(ids, positions)  # (2, T, V)
+        plain = model(ids)
+    torch.testing.assert_close(masked, torch.stack(alone), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain, masked, atol=1e-3)  # the mask changed something
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_document_mask_without_eos_is_plain_causal(family, device):
+    from fanformer.data import document_positions
+
+    model = _model(family).to(device)
+    ids = torch.randint(1, model.config.vocab_size, (2, 40)).to(device)
+    positions = document_positions(ids, eos_id=0)
+    assert positions.tolist() == [list(range(40))] * 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, positions), model(ids), atol=1e-5, rtol=1e-4)
