@@ -7,11 +7,18 @@ drained before they stop. Each replica loads the model once (server/launch.py's 
 its own `AsyncEngine` and the very app of server/api.py (`build_app`), so routes, errors and
 SSE are the single-process server's; Ray only routes HTTP to it.
 
-What differs from one process, by Ray's design: `/health` and `/metrics` through the endpoint
+Stopping drains as one process does. Ray Serve gives user code no hook when a replica's
+graceful shutdown begins (it calls `__del__` only once nothing is ongoing, and kills a
+replica still busy at `graceful_shutdown_timeout_s`, cutting its streams), so on SIGTERM
+fanformer-serve drains its replicas itself before deleting the app: a `DrainSignal` actor
+tells every replica at once; each one's server/drain.py `Drain` then refuses new requests
+with 503 (`/health` too), lets running ones finish, aborts what still runs at
+`--shutdown_timeout` (an error event, then [DONE]) and reports back; then the app is deleted
+with nothing left to cut. Stops Ray starts by itself (downscaling, a redeploy, a node
+drained) get Ray's behaviour: the replica is taken out of routing (no 503s) and killed if
+still busy at `graceful_shutdown_timeout_s`. `/health` and `/metrics` through the endpoint
 answer from whichever replica the request lands on (Ray's own per-replica series come from
-its metrics agent, docs/SERVING.md says what to scrape); a draining replica is taken out of
-routing by Ray rather than answering 503; a replica still busy at `graceful_shutdown_timeout_s`
-is killed, so its unfinished streams end without `[DONE]`.
+its metrics agent; docs/SERVING.md says what to scrape).
 
 This is the only server module that imports ray; the plain server never does (ruff's banned
 import and tests/test_layering.py). server/cli.py checks the flags and calls
@@ -24,23 +31,71 @@ server/launch.py's.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
 import math
 import os
 import signal
 import threading
+import time
 
 import ray
 from ray import serve
 
 from server.api import ServerSettings, build_app
 from server.async_engine import AsyncEngine
+from server.drain import AFTER_ABORT_S, Drain
 from server.engine import EngineConfig, LLMEngine
 from server.launch import CLIError, bind, engine_config, load, server_settings
 
 logger = logging.getLogger(__name__)
 APP_NAME = "fanformer"
+DEPLOYMENT = "FanformerReplica"
+POLL_S = 0.1  # how often a draining replica looks at its requests in flight
+
+
+@ray.remote(num_cpus=0)
+class DrainSignal:
+    """fanformer-serve's SIGTERM, told to every replica of its app at once (Ray's handles
+    reach one replica per call). Replicas wait on it from start-up and report when drained;
+    one replaced during the drain finds it begun and reports at once. Owned by the command:
+    if it dies, its replicas' waits fail and they keep serving (Ray's stop rules apply)."""
+
+    def __init__(self):
+        self._begun = asyncio.Event()
+        self._pending: set[str] = set()  # replica tags not drained yet
+
+    async def wait_for_drain(self, replica: str) -> None:
+        self._pending.add(replica)
+        await self._begun.wait()
+
+    def begin(self) -> None:
+        self._begun.set()
+
+    def drained(self, replica: str) -> None:
+        self._pending.discard(replica)
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+
+async def drain_in_place(drain: Drain) -> None:
+    """One replica's drain, as DrainingServer.on_tick runs it in one process: wait for the
+    requests in flight, up to the drain's timeout; then abort what still runs (the engine's
+    shutdown: each stream ends with an error event and [DONE]) and give those AFTER_ABORT_S
+    to send it. New requests get 503 from the moment `drain.begin()` ran."""
+    drain.begin()
+    while drain.in_flight and drain.elapsed() < drain.timeout_s:
+        await asyncio.sleep(POLL_S)
+    if drain.in_flight:
+        logger.warning("%d request(s) still running after %.0f s: aborting them",
+                       drain.in_flight, drain.timeout_s)
+        if drain.on_deadline is not None:
+            await drain.on_deadline()
+        aborted_at = time.monotonic()
+        while drain.in_flight and time.monotonic() - aborted_at < AFTER_ABORT_S:
+            await asyncio.sleep(POLL_S)
 
 
 @serve.ingress()  # the app is built per replica, after the model loads (below)
@@ -48,7 +103,7 @@ class FanformerReplica:
     """One replica: the model, its engine and the FastAPI app around them."""
 
     def __init__(self, checkpoint: str | None, engine_config: EngineConfig,
-                 settings: ServerSettings, num_threads: int):
+                 settings: ServerSettings, num_threads: int, drain_signal=None):
         import torch
 
         torch.set_num_threads(num_threads)  # this replica's share of the node's cores
@@ -56,9 +111,24 @@ class FanformerReplica:
         self.engine = AsyncEngine(LLMEngine(model, tokenizer, engine_config))
         self.settings = settings if settings.served_model_name else \
             dataclasses.replace(settings, served_model_name=name)
+        self.drain_signal, self._drain_task = drain_signal, None
 
     def __serve_build_asgi_app__(self):
-        return build_app(self.engine, self.settings)  # its lifespan starts the engine
+        app = build_app(self.engine, self.settings)  # its lifespan starts the engine
+        if self.drain_signal is not None:  # Ray calls this on the loop that serves the app
+            self._drain_task = asyncio.get_running_loop().create_task(
+                self._drain_when_told(app.state.drain))
+        return app
+
+    async def _drain_when_told(self, drain: Drain) -> None:
+        tag = serve.get_replica_context().replica_tag
+        try:
+            await self.drain_signal.wait_for_drain.remote(tag)
+        except ray.exceptions.RayActorError:  # fanformer-serve is gone: Ray's rules apply
+            return
+        await drain_in_place(drain)
+        logger.info("replica %s drained in %.1f s", tag, drain.elapsed())
+        await self.drain_signal.drained.remote(tag)
 
     def check_health(self) -> None:
         """Ray calls this every health_check_period_s; raising makes Ray replace the replica
@@ -76,6 +146,7 @@ def replica_options(args: argparse.Namespace) -> dict:
         # Everything the engine would admit (running + waiting) and one more, so a full
         # replica answers 429 itself instead of Ray holding the request in its own queue.
         "max_ongoing_requests": args.max_num_seqs + args.max_queue_len + 1,
+        # for stops Ray starts itself; fanformer-serve's SIGTERM drains before it deletes
         "graceful_shutdown_timeout_s": args.shutdown_timeout,
         "graceful_shutdown_wait_loop_s": 0.5,
         "health_check_period_s": 2.0,
@@ -92,16 +163,17 @@ def replica_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def application(args: argparse.Namespace, **settings: object) -> serve.Application:
+def application(args: argparse.Namespace, drain_signal=None,
+                **settings: object) -> serve.Application:
     """The bound deployment for serve.run, from fanformer-serve's (checked) flags;
+    `drain_signal` a DrainSignal actor (None: Ray's stop rules only, as under `serve run`),
     `settings` overrides ServerSettings fields that have no flag (tests: max_request_bytes)."""
     config = engine_config(args)
     replica_settings = server_settings(args, **settings)  # name "": the checkpoint's
     checkpoint = None if args.checkpoint is None else os.path.abspath(args.checkpoint)
     threads = max(1, math.floor(args.replica_cpus))
-    return serve.deployment(FanformerReplica, name="FanformerReplica",
-                            **replica_options(args)).bind(checkpoint, config, replica_settings,
-                                                          threads)
+    return serve.deployment(FanformerReplica, name=DEPLOYMENT, **replica_options(args)).bind(
+        checkpoint, config, replica_settings, threads, drain_signal)
 
 
 def check_ray_args(args: argparse.Namespace) -> None:
@@ -120,10 +192,24 @@ def check_ray_args(args: argparse.Namespace) -> None:
                        f"{args.target_ongoing_requests}")
 
 
+def drain_replicas(drain_signal, timeout_s: float, skip: threading.Event | None = None) -> int:
+    """Tell every replica to drain and wait until each has reported (bounded: the drain's
+    timeout, the abort's grace and a margin; `skip` set ends the wait early, as a second
+    signal does in one process). Returns how many replicas never reported (e.g. killed
+    meanwhile)."""
+    ray.get(drain_signal.begin.remote())
+    bound = time.monotonic() + timeout_s + AFTER_ABORT_S + 5.0
+    while (left := ray.get(drain_signal.pending.remote())) and time.monotonic() < bound:
+        if skip is not None and skip.wait(0.2):
+            logger.warning("second signal: stopping without waiting for the drain")
+            break
+    return left
+
+
 def serve_on_ray(args: argparse.Namespace) -> None:
     """Start (or join, with --address) a Ray cluster, run the app, wait for SIGTERM or
-    Ctrl+C, then delete the app: Ray drains each replica (its graceful shutdown) and the
-    engine stops in the app's lifespan."""
+    Ctrl+C, drain every replica (drain_replicas), then delete the app and, if the command
+    started it, the local Ray. A second signal skips the rest of the drain."""
     check_ray_args(args)
     bind(args.host, args.port).close()  # a taken port fails here, in a second
     local = args.address is None and not os.environ.get("RAY_ADDRESS")
@@ -133,16 +219,22 @@ def serve_on_ray(args: argparse.Namespace) -> None:
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise CLIError(f"cannot reach the Ray cluster at {args.address or 'RAY_ADDRESS'}: "
                        f"{str(e).splitlines()[0]}") from None
-    stop = threading.Event()
+    stop, skip = threading.Event(), threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: skip.set() if stop.is_set() else stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(application(args), name=APP_NAME, route_prefix="/")
+        drain_signal = DrainSignal.remote()
+        serve.run(application(args, drain_signal), name=APP_NAME, route_prefix="/")
         logger.info("serving on http://%s:%d through Ray Serve (%s cluster); Ctrl+C stops",
                     args.host, args.port, "local" if local else "joined")
         stop.wait()
-        logger.info("stopping: Ray drains each replica (up to %.0f s)", args.shutdown_timeout)
+        logger.info("draining every replica: new requests get 503, running ones get up to "
+                    "%.0f s", args.shutdown_timeout)
+        left = drain_replicas(drain_signal, args.shutdown_timeout, skip)
+        if left:
+            logger.warning("%d replica(s) did not report drained; deleting the app anyway",
+                           left)
         serve.delete(APP_NAME)
     except RuntimeError as e:  # e.g. a replica's constructor failed (Ray retried it)
         raise CLIError(f"Ray Serve could not start the app: {str(e).splitlines()[0]}") from None

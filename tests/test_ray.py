@@ -2,12 +2,15 @@
 proxy on a local Ray cluster (one per test module, loopback only), driven by the same tests
 as the single-process server (imported from tests/test_api.py, so they run here against the
 Ray endpoint), plus what only Ray does: a replica killed by its PID is replaced and /health
-recovers. Skipped when the `ray` extra is not installed. Heavier runs (32-client fault run,
-autoscaling, 1 vs 2 replicas) are bench/ray_scale.py's; docs/SERVING.md has their results.
+recovers, and fanformer-serve's SIGTERM drain (503 for new requests, streams cut at the
+deadline end with an error event and [DONE]). Skipped when the `ray` extra is not installed.
+Heavier runs (32-client fault run, autoscaling, 1 vs 2 replicas) are bench/ray_scale.py's;
+docs/SERVING.md has their results.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -46,7 +49,7 @@ import ray  # noqa: E402 - only once the skip above has passed
 from server import ray_app  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
-REPLICA = f"ray::ServeReplica:{ray_app.APP_NAME}:FanformerReplica"
+REPLICA = f"ray::ServeReplica:{ray_app.APP_NAME}:{ray_app.DEPLOYMENT}"
 
 
 class Endpoint:
@@ -67,7 +70,7 @@ def deploy(checkpoint, *flags: str, **settings) -> None:
 
 def running_replicas() -> int:
     app = serve.status().applications[ray_app.APP_NAME]
-    return app.deployments["FanformerReplica"].replica_states.get("RUNNING", 0)
+    return app.deployments[ray_app.DEPLOYMENT].replica_states.get("RUNNING", 0)
 
 
 def replica_pids() -> list[int]:
@@ -163,3 +166,43 @@ def test_flags_ray_cannot_honour_are_one_line_errors():
 
 
 test_api_key_through_ray = test_api.test_api_key  # last: it needs the `small` redeploy
+
+
+# ---------------------------------------------------------------- last: fanformer-serve's drain
+def test_sigterm_drain_refuses_new_requests_and_ends_cut_streams_cleanly(cluster, tokenizer,
+                                                                          tmp_path):
+    """What serve_on_ray does on SIGTERM, step by step: drain_replicas, then serve.delete.
+    --shutdown_timeout 0 makes the deadline the drain's start, so a stream 8000 tokens long
+    is cut by the abort: it must end with the `aborted` error event and [DONE] (Ray's own
+    stop would kill the replica and leave it hanging without them)."""
+    long_context = save_checkpoint(tmp_path / "ckpt", make_model("test", max_seq_len=8192),
+                                   tokenizer)
+    drain_signal = ray_app.DrainSignal.remote()
+    deploy(long_context, "--num_replicas", "2", "--shutdown_timeout", "0",
+           drain_signal=drain_signal)
+    wait_until(lambda: ray.get(drain_signal.pending.remote()) == 2, timeout=30)
+    left: list[int] = []
+    with httpx.stream("POST", cluster + "/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": "Alice", "max_tokens": 8000, "ignore_eos": True,
+            "temperature": 0, "stream": True}) as stream:
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        drainer = threading.Thread(target=lambda: left.append(
+            ray_app.drain_replicas(drain_signal, 0)))
+        drainer.start()
+        events = [line[6:] for line in lines if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) < 8000
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "aborted" and set(error) == {"message", "type", "param", "code"}
+    # every replica drains: new requests get the single-process server's 503, from either
+    refused = httpx.post(cluster + "/v1/completions", timeout=30,
+                         json={"model": MODEL, "prompt": "Alice", "max_tokens": 2})
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "server_shutting_down"
+    assert refused.headers["retry-after"] == "1"
+    assert httpx.get(cluster + "/health", timeout=30).status_code == 503
+    assert httpx.get(cluster + "/metrics", timeout=30).status_code == 200
+    drainer.join(30)
+    assert left == [0]  # both replicas reported drained
+    serve.delete(ray_app.APP_NAME)
+    assert ray_app.APP_NAME not in serve.status().applications
