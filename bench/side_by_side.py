@@ -133,8 +133,10 @@ def code_key(*patterns: str) -> str:
     return h.hexdigest()[:10]
 
 
-def build_checkpoints(preset: str, cache: Path) -> dict[str, Path]:
-    """{variant: checkpoint dir}: random bf16 weights (seed 0) and its rtn 4-bit version."""
+def build_checkpoints(preset: str, cache: Path,
+                      variants: tuple[str, ...] = VARIANTS) -> dict[str, Path]:
+    """{variant: checkpoint dir}: random bf16 weights (seed 0) and its rtn 4-bit version
+    (built only when "4bit" is in `variants`; bench/chat_prefix.py needs bf16 alone)."""
     plain = code_key("fanformer/*.py")
     paths = {"bf16": cache / f"{preset}-random-bf16-{plain}",
              "4bit": cache / f"{preset}-random-rtn4-g128-head-int8-"
@@ -149,7 +151,7 @@ def build_checkpoints(preset: str, cache: Path) -> dict[str, Path]:
             model.embed.weight[[i for i in range(config.padded_vocab_size)
                                 if not is_whole_text(tokenizer, i)]] = 0
         save_checkpoint(paths["bf16"], model, tokenizer, dtype=torch.bfloat16)
-    if not is_quantized(paths["4bit"]):
+    if "4bit" in variants and not is_quantized(paths["4bit"]):
         print(f"quantizing it: fanformer-quantize {' '.join(QUANTIZE)}", flush=True)
         run_checked([sys.executable, "-m", "quant.cli", *QUANTIZE, "--checkpoint",
                      str(paths["bf16"]), "--output", str(paths["4bit"]), "--eval_tokens", "0",
