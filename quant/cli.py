@@ -5,7 +5,9 @@
 Validates everything it can before working (method, bits, group size, that the input is
 not already quantized, that the calibration text is long enough), quantizes, writes the
 output directory atomically (nothing half-written on failure), reloads what it wrote to
-measure eval bits/byte, and ends with a report also saved as `quant_report.json`.
+measure eval bits/byte (by default on the whole eval text, Gutenberg credits stripped by
+`fanformer.data.read_eval_text`; the report says how many tokens and bytes it scored), and
+ends with a report also saved as `quant_report.json`.
 Bad input is one line on stderr and exit status 2. It does not know how any method works.
 """
 
@@ -26,7 +28,7 @@ from fanformer.checkpoint import (
     is_quantized,
     load_checkpoint,
 )
-from fanformer.data import EVAL_TEXT, bits_per_byte
+from fanformer.data import EVAL_TEXT, bits_per_byte, read_eval_text
 from fanformer.flags import FlagParser
 from fanformer.outputs import OutputError, check_not_inside, check_output_dir, write_marker
 from quant.calibration import DEFAULT_CALIB_TEXT, calibration_ids
@@ -49,7 +51,7 @@ def build_parser() -> FlagParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output even if it holds files this command did not write")
     p.add_argument("--bits", type=int, default=None,
-                   help="weight bits: gptq 2/3/4/8, rtn 4/8, awq/nf4 4, int8 8 (default 4; 8 "
+                   help="weight bits: gptq/rtn 2/3/4/8, awq/nf4 4, int8 8 (default 4; 8 "
                         "for int8)")
     p.add_argument("--group_size", type=int, default=128,
                    help="inputs per scale group: 32, 64, 128, 256 or -1 (per row); layers "
@@ -70,9 +72,11 @@ def build_parser() -> FlagParser:
     p.add_argument("--calib_seq_len", type=int, default=256, help="tokens per window")
     p.add_argument("--seed", type=int, default=0, help="calibration window seed")
     p.add_argument("--eval_data", default=str(EVAL_TEXT),
-                   help="held-out text for bits/byte (default: the shipped eval text)")
-    p.add_argument("--eval_tokens", type=int, default=16384,
-                   help="score this many eval tokens (0: skip the evaluation)")
+                   help="held-out text for bits/byte (default: the shipped eval text); "
+                        "Project Gutenberg credit paragraphs are dropped")
+    p.add_argument("--eval_tokens", type=int, default=None,
+                   help="score at most this many eval tokens (default: all; 0: skip the "
+                        "evaluation)")
     p.add_argument("--eval_seq_len", type=int, default=512, help="eval window length")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -83,6 +87,13 @@ def _read_text(path: str, what: str) -> str:
         return Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise QuantError(f"cannot read the {what} {path} ({e.strerror})") from None
+
+
+def _read_eval_text(path: str) -> str:
+    try:
+        return read_eval_text(path)
+    except OSError as e:
+        raise QuantError(f"cannot read the eval text {path} ({e.strerror})") from None
 
 
 def _check_shapes(model, qc: QuantConfig) -> None:
@@ -113,12 +124,13 @@ def _rss() -> int | None:
         return None
 
 
-def _evaluate(model, tokenizer, text: str, args) -> float | None:
-    if args.eval_tokens <= 0:
+def _evaluate(model, tokenizer, text: str, args) -> dict | None:
+    """bits/byte, tokens and bytes scored on the first --eval_tokens (None: all) of text."""
+    if args.eval_tokens == 0:
         return None
     seq_len = min(args.eval_seq_len, model.config.max_seq_len)
     return bits_per_byte(model, tokenizer, text, seq_len=seq_len, batch_size=4,
-                         max_tokens=args.eval_tokens)["bits_per_byte"]
+                         max_tokens=args.eval_tokens)
 
 
 def quantize(args) -> dict:
@@ -144,10 +156,12 @@ def quantize(args) -> dict:
     if method in ("gptq", "awq"):
         ids = calibration_ids(tokenizer, _read_text(args.calib_data, "calibration text"),
                               args.calib_samples, args.calib_seq_len, args.seed)
-    eval_text = _read_text(args.eval_data, "eval text") if args.eval_tokens > 0 else ""
+    if args.eval_tokens is not None and args.eval_tokens < 0:
+        raise QuantError(f"--eval_tokens must be >= 0, got {args.eval_tokens}")
+    eval_text = _read_eval_text(args.eval_data) if args.eval_tokens != 0 else ""
     torch.manual_seed(args.seed)
     memory_before, rss_before = _tensor_bytes(model), _rss()
-    bpb_before = _evaluate(model, tokenizer, eval_text, args)
+    before = _evaluate(model, tokenizer, eval_text, args)
 
     start = time.perf_counter()
     _run_method(model, ids, qc, args)
@@ -165,14 +179,20 @@ def quantize(args) -> dict:
         qmodel, _ = load_quantized(tmp)  # measure what was written, as users will load it
         memory_after, rss_after = _tensor_bytes(qmodel), _rss()
         cast_float_tensors(qmodel, torch.float32)  # compare with `before` in fp32 compute
-        bpb_after = _evaluate(qmodel, tokenizer, eval_text, args)
+        after = _evaluate(qmodel, tokenizer, eval_text, args)
+        bpb_before = None if before is None else before["bits_per_byte"]
+        bpb_after = None if after is None else after["bits_per_byte"]
         report = {
             "method": method, "bits": bits, "group_size": args.group_size,
             "lm_head": args.lm_head, "checkpoint": str(source), "output": str(output),
             "eval_bpb_before": bpb_before, "eval_bpb_after": bpb_after,
             "eval_bpb_change_percent": None if bpb_before is None else
             round(100 * (bpb_after / bpb_before - 1), 3),
-            "eval_tokens": args.eval_tokens, "eval_data": args.eval_data,
+            "eval_data": args.eval_data, "eval_tokens_cap": args.eval_tokens,
+            # what was scored: predicted tokens and the UTF-8 bytes they stand for
+            "eval_tokens_scored": None if after is None else after["tokens"],
+            "eval_bytes_scored": None if after is None else after["bytes"],
+            "eval_text_bytes": len(eval_text.encode("utf-8")) if eval_text else None,
             "size_bytes_before": (source / WEIGHTS_FILE).stat().st_size,
             "size_bytes_after": (tmp / WEIGHTS_FILE).stat().st_size,
             "model_memory_bytes_before": memory_before, "model_memory_bytes_after": memory_after,

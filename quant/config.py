@@ -55,7 +55,7 @@ class QuantConfig:
     """The method and its settings, as the CLI received them, plus the per-module layout."""
 
     method: str = field(metadata={"help": "gptq, awq, rtn, int8 or nf4"})
-    bits: int = field(default=4, metadata={"help": "weight bits (gptq: 2/3/4/8; awq, rtn: 4)"})
+    bits: int = field(default=4, metadata={"help": "weight bits (gptq, rtn: 2/3/4/8; awq: 4)"})
     group_size: int = field(
         default=128, metadata={"help": "inputs per scale group (-1: one group per row)"})
     sym: bool = field(default=True, metadata={"help": "symmetric grid (zero point 2^(bits-1))"})
@@ -75,7 +75,7 @@ class QuantConfig:
         if self.lm_head not in LM_HEAD_CHOICES:
             raise QuantError(f"lm_head must be one of {', '.join(LM_HEAD_CHOICES)}, "
                              f"got {self.lm_head!r}")
-        valid_bits = {"gptq": (2, 3, 4, 8), "awq": (4,), "rtn": (4, 8), "int8": (8,),
+        valid_bits = {"gptq": (2, 3, 4, 8), "awq": (4,), "rtn": (2, 3, 4, 8), "int8": (8,),
                       "nf4": (4,)}[self.method]
         if self.bits not in valid_bits:
             raise QuantError(f"--bits {self.bits} is not supported by {self.method}; "

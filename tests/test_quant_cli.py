@@ -162,3 +162,26 @@ def test_output_holding_the_checkpoint_is_refused(tmp_path, checkpoint_dir, caps
         _fails(capsys, argv, "--checkpoint")
     assert sorted(p.name for p in checkpoint_dir.iterdir()) == before
     assert (tmp_path / "ckpt").is_dir()
+
+
+def test_the_eval_scores_the_whole_text_by_default_and_says_how_much(tmp_path, checkpoint_dir,
+                                                                     tokenizer, capsys):
+    """No --eval_tokens: every token of the (credit-stripped) eval text is scored, and the
+    report gives the count; with a cap, exactly the cap."""
+    from fanformer.data import read_eval_text
+    from tests.conftest import FIXTURES
+
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text("Produced by a volunteer.\n\n"
+                         + (FIXTURES / "tiny.txt").read_text()[:3000])
+    text = read_eval_text(eval_file)
+    assert not text.startswith("Produced")
+    base = ["--method", "rtn", "--checkpoint", str(checkpoint_dir), "--eval_data",
+            str(eval_file), "--eval_seq_len", "64", "--quiet"]
+    assert main([*base, "--output", str(tmp_path / "all")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["eval_tokens_scored"] == len(tokenizer.encode(text)) - 1
+    assert report["eval_text_bytes"] == len(text.encode("utf-8"))
+    assert report["eval_tokens_cap"] is None
+    assert main([*base, "--output", str(tmp_path / "capped"), "--eval_tokens", "100"]) == 0
+    assert json.loads(capsys.readouterr().out)["eval_tokens_scored"] == 100
