@@ -70,12 +70,17 @@ def build_parser() -> FlagParser:
                    help="weights and activations dtype (auto = bfloat16; half = float16, "
                         "float = float32)")
     p.add_argument("--max_num_seqs", type=int, default=engine.max_num_seqs,
-                   help="most sequences in the running batch (= KV cache slots)")
+                   help="most sequences in the running batch")
     p.add_argument("--max_model_len", type=int, default=engine.max_model_len,
                    help="longest prompt + completion in tokens (default: the model's context)")
     p.add_argument("--kv_cache_gib", type=float, default=engine.kv_cache_gib,
-                   help="memory budget for the KV cache in GiB: slots = what fits, at most "
-                        "--max_num_seqs (default: --max_num_seqs slots)")
+                   help="memory for the KV cache's blocks in GiB (default: what --max_num_seqs "
+                        "sequences of --max_model_len tokens take)")
+    p.add_argument("--block_size", type=int, default=engine.block_size,
+                   help="tokens per KV cache block")
+    p.add_argument("--no_prefix_caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not reuse the cached KV blocks of a prompt's prefix (prefix "
+                        "caching is on by default)")
     p.add_argument("--max_num_batched_tokens", type=int, default=engine.max_num_batched_tokens,
                    help="tokens per engine step (decodes + prefill chunks)")
     p.add_argument("--max_queue_len", type=int, default=engine.max_queue_len,
@@ -137,7 +142,8 @@ def check_args(args: argparse.Namespace) -> None:
                        f"{args.checkpoint}); pass one")
     args.checkpoint = args.checkpoint or args.model
     args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
-    for flag in ("max_num_seqs", "max_num_batched_tokens", "max_queue_len", "max_connections"):
+    for flag in ("max_num_seqs", "max_num_batched_tokens", "max_queue_len", "max_connections",
+                 "block_size"):
         if getattr(args, flag) < 1:
             raise CLIError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.max_model_len is not None and args.max_model_len < 1:
@@ -185,10 +191,9 @@ def serve(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise CLIError(str(e)) from None
     path = args.checkpoint or DEMO_CHECKPOINT
-    stats = llm.stats()
-    logger.info("loaded %s (%s, %s on %s); KV cache: %d slots x %d tokens = %.1f MiB",
-                path, describe_quantization(path), config.dtype, args.device, stats.num_slots,
-                llm.max_model_len, llm.pool.nbytes / 2**20)
+    logger.info("loaded %s (%s, %s on %s); %s, prefix caching %s", path,
+                describe_quantization(path), config.dtype, args.device, llm.pool.describe(),
+                "on" if config.enable_prefix_caching else "off")
     settings = server_settings(args, name)
     app = build_app(engine, settings)
     logger.info("serving %r on http://%s:%d", settings.served_model_name, args.host, port)

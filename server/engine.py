@@ -1,13 +1,14 @@
-"""The generation engine: continuous batching over a slot KV cache (synchronous core).
+"""The generation engine: continuous batching over a paged KV cache (synchronous core).
 
 `LLMEngine.step` reads like vLLM's: plan = scheduler.schedule() -> one forward over the
 flattened batch (decode tokens and prefill chunks together) -> sample -> update. It owns
-the KV cache pool, each request's sampler state and incremental detokenizer, and turns
-them into `RequestOutput`s. An exception while handling one request finishes that request
-alone with "error"; an exception in the batched forward propagates (the async front then
-declares the engine dead). The async front lives in server/async_engine.py and is
-re-exported here. This module deals in token ids and `SamplingParams`; it knows nothing of
-HTTP. server/api.py (through AsyncEngine), server/generate_cli.py and the tests call it.
+the KV cache pool (blocks, prefix cache), each request's sampler state and incremental
+detokenizer, and turns them into `RequestOutput`s. An exception while handling one request
+finishes that request alone with "error"; an exception in the batched forward propagates
+(the async front then declares the engine dead). The async front lives in
+server/async_engine.py and is re-exported here. This module deals in token ids and
+`SamplingParams`; it knows nothing of HTTP. server/api.py (through AsyncEngine),
+server/generate_cli.py and the tests call it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fanformer.tokenizer import Tokenizer
+from server.block_pool import BlockPool
 from server.detokenizer import IncrementalDetokenizer
 from server.kv_cache import KVCachePool, Segment, StepAttention, to_device
 from server.outputs import (  # noqa: F401 - the engine's errors, importable from here
@@ -50,10 +52,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 @dataclass
 class EngineConfig:
-    max_num_seqs: int = 64  # running sequences at most (= KV cache slots)
+    max_num_seqs: int = 64  # running sequences at most
     max_model_len: int | None = None  # default: the model's max_seq_len
-    kv_cache_gib: float | None = None  # memory budget for the KV cache; slots = what fits,
-    #                                    at most max_num_seqs (default: max_num_seqs slots)
+    kv_cache_gib: float | None = None  # memory for the KV cache's blocks (default: what
+    #   max_num_seqs sequences of max_model_len tokens take, the footprint of the slot cache
+    #   this replaced; short sequences then leave room for more, up to max_num_seqs)
+    block_size: int = 16  # tokens per KV cache block
+    enable_prefix_caching: bool = True  # reuse the cached blocks of a prompt's prefix
     max_num_batched_tokens: int = 512  # per-step token budget (decodes + prefill chunks)
     enable_chunked_prefill: bool = True
     max_queue_len: int = 256  # waiting requests beyond this are refused (QueueFullError)
@@ -92,6 +97,8 @@ class LLMEngine:
         if config.max_num_batched_tokens < 1:
             problems.append(f"max_num_batched_tokens must be >= 1, "
                             f"got {config.max_num_batched_tokens}")
+        if config.block_size < 1:
+            problems.append(f"block_size must be >= 1, got {config.block_size}")
         if config.kv_cache_gib is not None and config.kv_cache_gib <= 0:
             problems.append(f"kv_cache_gib must be > 0, got {config.kv_cache_gib}")
         if config.max_queue_len < 0:
@@ -104,20 +111,22 @@ class LLMEngine:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if hasattr(self.model, "reset_buffers"):
             self.model.reset_buffers(self.device)  # the RoPE table stays fp32
-        num_slots = config.max_num_seqs
+        bs = config.block_size
+        num_blocks = config.max_num_seqs * -(-self.max_model_len // bs)
         if config.kv_cache_gib is not None:
-            per_slot = KVCachePool.bytes_per_token(model.config, self.dtype) * self.max_model_len
-            fits = int(config.kv_cache_gib * 2**30 // per_slot)
-            if fits < 1:
-                raise ValueError(f"kv_cache_gib={config.kv_cache_gib} holds no sequence of "
-                                 f"max_model_len={self.max_model_len} tokens "
-                                 f"({per_slot / 2**20:.1f} MiB each)")
-            num_slots = min(num_slots, fits)
-        self.pool = KVCachePool(model.config, num_slots, self.max_model_len, self.dtype,
-                                self.device)
+            per_block = KVCachePool.bytes_per_token(model.config, self.dtype) * bs
+            num_blocks = int(config.kv_cache_gib * 2**30 // per_block)
+            if num_blocks < 1:
+                raise ValueError(f"kv_cache_gib={config.kv_cache_gib} holds no KV block of "
+                                 f"{bs} tokens ({per_block / 2**20:.2f} MiB each)")
+        if num_blocks * bs < self.max_model_len:
+            logger.warning("the KV cache holds %d tokens, fewer than max_model_len=%d: "
+                           "longer requests are refused", num_blocks * bs, self.max_model_len)
+        self.pool = KVCachePool(model.config, num_blocks, bs, self.dtype, self.device)
         logger.info("%s", self.pool.describe())
-        self.scheduler = Scheduler(num_slots, config.max_num_batched_tokens,
-                                   config.enable_chunked_prefill)
+        self.blocks = BlockPool(num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
+                                   config.max_num_batched_tokens, config.enable_chunked_prefill)
         self.num_steps = 0
         self.vocab_size = model.config.vocab_size
         fp32_logits = config.fp32_logits
@@ -145,6 +154,11 @@ class LLMEngine:
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
                 f"exceeds the maximum context length of {self.max_model_len} tokens; "
                 "shorten the prompt or lower max_tokens")
+        if self.blocks.blocks_for(len(prompt_ids) + params.max_tokens) > self.blocks.num_blocks:
+            raise RequestTooLongError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                f"does not fit the KV cache ({self.blocks.num_blocks * self.blocks.block_size} "
+                "tokens); shorten the prompt or lower max_tokens")
 
     def add_request(self, request_id: str, prompt_ids: list[int],
                     params: SamplingParams) -> None:
@@ -159,7 +173,7 @@ class LLMEngine:
                                           self.tokenizer.eos_id, self.device, detok))
 
     def abort(self, request_id: str) -> None:
-        """Finish a request now and free its cache slot; unknown ids are ignored."""
+        """Finish a request now and give its KV blocks back; unknown ids are ignored."""
         request = self.scheduler.by_id.get(request_id)
         if request is not None:
             self.scheduler.finish(request, "abort")
@@ -168,10 +182,9 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def stats(self) -> EngineStats:
-        s = self.scheduler
-        used = s.num_slots - s.num_free_slots
-        return EngineStats(len(s.running), len(s.waiting), used / s.num_slots,
-                           s.num_free_slots, s.num_slots, self.num_steps)
+        s, b = self.scheduler, self.blocks
+        return EngineStats(len(s.running), len(s.waiting), b.usage, b.num_free, b.num_blocks,
+                           self.num_steps, b.queries, b.hits, s.num_preemptions)
 
     # ---- one step ----
     @torch.inference_mode()
@@ -188,14 +201,15 @@ class LLMEngine:
         """One forward over the plan's tokens -> logits of the rows that need them,
         and for each chunk the indices (into those logits) of its rows."""
         ids = [c.request.token_at(c.start + i) for c in plan.chunks for i in range(c.length)]
-        segments = [Segment(c.request.slot, c.start, c.length) for c in plan.chunks]
+        segments = [Segment(c.request.blocks.block_ids, c.start, c.length)
+                    for c in plan.chunks]
         attention = StepAttention(self.pool, segments)
         wanted: list[int] = []  # batch indices whose logits we compute
         rows: list[list[int]] = []
         offset = 0
         for c in plan.chunks:
             chunk_rows = []
-            if c.request.prompt_logprobs is not None and c.start < len(c.request.prompt_ids):
+            if c.request.needs_prompt_logprobs and c.start < len(c.request.prompt_ids):
                 chunk_rows = list(range(offset, offset + c.length))  # every prompt position
             elif c.samples:
                 chunk_rows = [offset + c.length - 1]
@@ -249,7 +263,7 @@ class LLMEngine:
         params = request.params
         if isinstance(token, Exception):
             raise token
-        if request.prompt_logprobs is not None and chunk.start < len(request.prompt_ids):
+        if request.needs_prompt_logprobs and chunk.start < len(request.prompt_ids):
             self._add_prompt_logprobs(request, chunk, chunk_rows, logprobs)
         if not chunk.samples:
             return None  # a prefill chunk in the middle of the prompt
@@ -279,14 +293,15 @@ class LLMEngine:
         return self._output(request, text, [token], token_logprobs)
 
     def _add_prompt_logprobs(self, request, chunk, chunk_rows, logprobs) -> None:
-        """Logits at prompt position p score prompt token p + 1."""
-        n_prompt = len(request.prompt_ids)
+        """Logits at prompt position p score prompt token p + 1 (the chunk's rows are its
+        positions; positions scored before a preemption are not scored again)."""
+        n_prompt, done = len(request.prompt_ids), len(request.prompt_logprobs)
         targets = [p + 1 for p in range(chunk.start, chunk.start + chunk.length)
-                   if p + 1 < n_prompt]
+                   if done <= p + 1 < n_prompt]
         if not targets:
             return
         ids = torch.tensor([request.prompt_ids[t] for t in targets], device=logprobs.device)
-        picked = logprobs[chunk_rows[: len(targets)]]
+        picked = logprobs[[chunk_rows[t - 1 - chunk.start] for t in targets]]
         for t, (lp, top) in zip(targets, top_logprobs(picked, ids, request.params.prompt_logprobs)):
             request.prompt_logprobs.append(TokenLogprob(request.prompt_ids[t], lp, top))
 

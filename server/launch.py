@@ -78,7 +78,8 @@ def engine_config(args: argparse.Namespace):
     from server.engine import EngineConfig
 
     return EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                        kv_cache_gib=args.kv_cache_gib,
+                        kv_cache_gib=args.kv_cache_gib, block_size=args.block_size,
+                        enable_prefix_caching=args.enable_prefix_caching,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         max_queue_len=args.max_queue_len, device=args.device,
                         dtype=args.dtype, batch_invariant=args.batch_invariant)

@@ -36,10 +36,13 @@ class RequestOutput:
 class EngineStats:
     num_running: int
     num_waiting: int
-    kv_cache_usage: float  # share of slots in use, 0..1
-    num_free_slots: int
-    num_slots: int
+    kv_cache_usage: float  # share of the KV blocks running sequences hold, 0..1
+    num_free_blocks: int  # held by no sequence (prefix-cached ones included)
+    num_blocks: int
     num_steps: int
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache (cumulative)
+    prefix_cache_hits: int = 0  # of those, tokens found (cumulative)
+    num_preemptions: int = 0  # cumulative
 
 
 class EngineError(Exception):

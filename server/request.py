@@ -3,7 +3,7 @@
 A `Request` is built once, when the engine admits it, from the prompt ids and a
 `SamplingParams` that already checked its own ranges. It carries everything a request needs
 from admission to its final output: the ids (prompt and generated), the scheduling progress
-(`num_computed`, `slot`, `finished`), the sampler's state (its own `torch.Generator`, the
+(`num_computed`, the block table, `finished`), the sampler's state (its own `torch.Generator`, the
 ids that end it, the token history the penalties read) and the incremental detokenizer.
 The scheduler reads only the ids and the progress fields, the sampler only the sampling
 fields, so each stays testable without the other. This module knows no model and no HTTP;
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+
+from server.block_pool import BlockTable
 
 if TYPE_CHECKING:
     from server.detokenizer import IncrementalDetokenizer
@@ -30,7 +32,11 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     # ---- scheduling ----
     num_computed: int = 0  # tokens whose keys/values are in the cache
-    slot: int | None = None
+    blocks: BlockTable = field(default_factory=BlockTable)  # where they are
+    running: bool = False  # holds blocks (admitted and not preempted or finished)
+    prefill_target: int = -1  # prefill up to here (the prompt; after a preemption, every
+    #                           token so far), then decode one token a step; -1: the prompt
+    num_preemptions: int = 0
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     # ---- sampling ----
@@ -71,8 +77,24 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def prefill_end(self) -> int:
+        """Prefill chunks run up to here; after it, one token a step."""
+        return len(self.prompt_ids) if self.prefill_target < 0 else self.prefill_target
+
+    @property
     def prefilling(self) -> bool:
-        return self.num_computed < len(self.prompt_ids)
+        return self.num_computed < self.prefill_end
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Prompt and generated ids, one new list."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet: every prompt position must
+        run through the model, so such a request does not read the prefix cache."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
 
     def token_at(self, position: int) -> int:
         n = len(self.prompt_ids)

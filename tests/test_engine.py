@@ -241,7 +241,7 @@ def test_one_failing_request_does_not_stop_the_others(tokenizer, monkeypatch):
                                                            ignore_eos=True))})
     assert res["bad"][2][-1].finish_reason == "error" and "boom" in res["bad"][2][-1].error
     assert len(res["good"][0]) == 4
-    assert engine.stats().num_free_slots == engine.stats().num_slots
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks
 
 
 def test_random_requests_and_aborts_free_every_slot(tokenizer):
@@ -273,7 +273,7 @@ def test_random_requests_and_aborts_free_every_slot(tokenizer):
     assert not engine.has_unfinished()
     assert set(finals) | aborted == set(submitted) and not set(finals) & aborted
     stats = engine.stats()
-    assert stats.num_free_slots == stats.num_slots and stats.kv_cache_usage == 0
+    assert stats.num_free_blocks == stats.num_blocks and stats.kv_cache_usage == 0
 
 
 def test_async_engine_streams_and_aborts_on_early_exit(tokenizer):
@@ -297,7 +297,7 @@ def test_async_engine_streams_and_aborts_on_early_exit(tokenizer):
         both = await asyncio.gather(*[collect(engine, p) for p in PROMPTS])
         await engine.shutdown()
         stats = engine.stats()
-        assert stats.num_free_slots == stats.num_slots
+        assert stats.num_free_blocks == stats.num_blocks
         return both
 
     async def collect(engine, prompt):
@@ -329,11 +329,16 @@ def test_kv_cache_is_sized_from_a_memory_budget(tokenizer):
     from server.kv_cache import KVCachePool
 
     model = make_model()
-    per_slot = KVCachePool.bytes_per_token(model.config, torch.float32) * 64
-    engine = make_engine(model, tokenizer, max_model_len=64, kv_cache_gib=3.5 * per_slot / 2**30)
-    assert engine.stats().num_slots == 3 and engine.pool.nbytes == 3 * per_slot
-    with pytest.raises(ValueError, match="holds no sequence"):
-        make_engine(model, tokenizer, max_model_len=64, kv_cache_gib=0.5 * per_slot / 2**30)
+    per_block = KVCachePool.bytes_per_token(model.config, torch.float32) * 16
+    engine = make_engine(model, tokenizer, max_model_len=64, kv_cache_gib=3.5 * per_block / 2**30)
+    assert engine.stats().num_blocks == 3 and engine.pool.nbytes == 3 * per_block
+    with pytest.raises(RequestTooLongError, match="does not fit the KV cache"):
+        engine.add_request("a", list(range(1, 41)), SamplingParams(max_tokens=10))  # 4 blocks
+    engine.add_request("b", list(range(1, 31)), SamplingParams(max_tokens=18))  # 3 blocks
+    with pytest.raises(ValueError, match="holds no KV block"):
+        make_engine(model, tokenizer, max_model_len=64, kv_cache_gib=0.5 * per_block / 2**30)
+    default = make_engine(model, tokenizer, max_model_len=40, max_num_seqs=3)
+    assert default.stats().num_blocks == 3 * 3  # max_num_seqs sequences of max_model_len
 
 
 def test_a_failing_forward_kills_the_engine_and_finishes_pending_requests(tokenizer):

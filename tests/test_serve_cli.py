@@ -148,8 +148,8 @@ def test_slow_body_is_timed_out_and_logs_name_the_checkpoint(checkpoint_dir):
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
-    assert f"loaded {checkpoint_dir} (not quantized, float32 on cpu); KV cache: 2 slots x " \
-           "128 tokens" in err, err
+    assert f"loaded {checkpoint_dir} (not quantized, float32 on cpu); KV cache: 16 blocks x " \
+           "16 tokens (256 tokens)" in err, err
 
 
 def test_generate_takes_hf_names_and_dashes(checkpoint_dir, capsys):
