@@ -259,16 +259,20 @@ def scrape(url: str, timeout: float = 10) -> dict[str, float]:
         r = httpx.get(url + "/metrics", timeout=timeout)
     except httpx.HTTPError:
         return {}
-    if r.status_code != 200:
-        return {}
+    return parse_metrics(r.text) if r.status_code == 200 else {}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text: every sample's value summed over its labels, by sample name."""
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(r.text):
+    for family in text_string_to_metric_families(text):
         for s in family.samples:
             out[s.name] = out.get(s.name, 0.0) + s.value
     return out
 
 
 def counter(sample: dict[str, float], name: str) -> float | None:
+    """A counter's value whether its samples carry prometheus-client's `_total` or not."""
     return sample.get(name + "_total", sample.get(name))
 
 
@@ -282,8 +286,7 @@ async def poll_running(url: str, stop: asyncio.Event) -> list[tuple[float, float
             except httpx.HTTPError:  # a missed sample, not a failed run
                 await asyncio.sleep(POLL_S)
                 continue
-            m = {s.name: s.value for f in text_string_to_metric_families(r.text)
-                 for s in f.samples}
+            m = parse_metrics(r.text)
             samples.append((m.get("vllm:num_requests_running", 0.0),
                             m.get("vllm:num_requests_waiting", 0.0)))
             await asyncio.sleep(POLL_S)

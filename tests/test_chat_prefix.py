@@ -185,3 +185,17 @@ def test_markdown_shows_the_figures_and_verdicts():
     res = result(pts, flag=False)
     res["summary"] = summarize(res)
     assert "the two arms of ours are the same server" in report_markdown(res)
+
+
+def test_counters_and_gauges_are_read_from_real_prometheus_text():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+    registry = CollectorRegistry()
+    hits = Counter("vllm:prefix_cache_hits", "h", ["model_name"], registry=registry)
+    hits.labels(model_name="bench").inc(96)
+    Gauge("vllm:num_requests_running", "r", ["model_name"],
+          registry=registry).labels(model_name="bench").set(7)
+    m = cp.parse_metrics(generate_latest(registry).decode())
+    assert cp.counter(m, "vllm:prefix_cache_hits") == 96
+    assert m["vllm:num_requests_running"] == 7
+    assert cp.counter(m, "vllm:prefix_cache_queries") is None  # absent: reported as such
