@@ -386,3 +386,92 @@ def test_a_queue_that_fills_after_the_check_still_refuses_with_queue_full(tokeni
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- paged cache, prefix caching
+SHARED = [(13 * i) % 400 + 2 for i in range(40)]  # two full 16-token blocks and a part
+
+
+def run_arrivals(engine: LLMEngine, arrivals: list[tuple[int, str, list[int], SamplingParams]]):
+    """Submit each request before the step numbered in its tuple, step to the end; returns
+    request id -> generated ids."""
+    got: dict[str, list[int]] = {rid: [] for _, rid, _, _ in arrivals}
+    step = 0
+    while arrivals or engine.has_unfinished():
+        while arrivals and arrivals[0][0] <= step:
+            _, rid, prompt, params = arrivals.pop(0)
+            engine.add_request(rid, prompt, params)
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+        step += 1
+    return got
+
+
+def test_prefix_cached_output_equals_uncached(tokenizer, device):
+    """A second request sharing a prefix with one still running, a third with one already
+    finished, one whose whole prompt is cached (its last token still runs for logits), and
+    one asking for prompt logprobs (it skips the cache): same tokens, greedy and seeded,
+    with prefix caching on and off; with it on, the cache is hit."""
+    model = make_model().to(device)
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    arrivals = [(0, "first", SHARED + [5, 6], greedy),
+                (2, "beside", SHARED + [9], seeded),  # "first" still decodes
+                (30, "after", SHARED + [7, 7, 7], greedy),  # both finished
+                (30, "whole", SHARED[:32], seeded),  # every block cached
+                (31, "scored", SHARED + [1], SamplingParams(max_tokens=2, temperature=0,
+                                                            prompt_logprobs=1))]
+    results = {}
+    for caching in (True, False):
+        engine = make_engine(model, tokenizer, enable_prefix_caching=caching, device=device)
+        results[caching] = run_arrivals(engine, list(arrivals))
+        stats = engine.stats()
+        assert stats.num_free_blocks == stats.num_blocks
+        # beside and after find 32 tokens, whole 16 (its last block runs); scored skips
+        assert stats.prefix_cache_hits == (32 + 32 + 16 if caching else 0)
+        assert stats.prefix_cache_queries == (42 + 41 + 43 + 32 if caching else 0)
+    assert results[True] == results[False]
+    for rid, prompt, params in [(a[1], a[2], a[3]) for a in arrivals if a[3].temperature == 0]:
+        assert results[True][rid] == generate(model, prompt, params.max_tokens, temperature=0)
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_preempted_requests_give_the_tokens_of_an_uninterrupted_run(tokenizer, caching):
+    """A pool of 6 blocks for 3 requests that need 4 each: the youngest are preempted and
+    recomputed, greedy and seeded, and give what a roomy pool gives."""
+    from server.kv_cache import KVCachePool
+
+    model = make_model()
+    prompts = [[(5 * i + 3 * j) % 300 + 1 for j in range(20)] for i in range(3)]
+    requests = {f"r{i}": (p, SamplingParams(max_tokens=40, seed=i, ignore_eos=True,
+                                            temperature=0.0 if i % 2 else 0.8))
+                for i, p in enumerate(prompts)}
+    roomy = run_all(make_engine(model, tokenizer, enable_prefix_caching=caching), requests)
+    per_block = KVCachePool.bytes_per_token(model.config, torch.float32) * 16
+    tight = make_engine(model, tokenizer, kv_cache_gib=6 * per_block / 2**30,
+                        enable_prefix_caching=caching)
+    squeezed = run_all(tight, requests)
+    assert tight.stats().num_preemptions > 0
+    assert {r: v[0] for r, v in squeezed.items()} == {r: v[0] for r, v in roomy.items()}
+    assert {r: v[1] for r, v in squeezed.items()} == {r: v[1] for r, v in roomy.items()}
+    assert tight.stats().num_free_blocks == 6
+
+
+def test_an_aborted_stream_gives_back_its_blocks_shared_ones_included(tokenizer):
+    async def main():
+        engine = AsyncEngine(make_engine(make_model(), tokenizer))
+        await engine.start()
+        params = SamplingParams(max_tokens=80, ignore_eos=True)
+        first = engine.generate(SHARED + [1], params, request_id="first")
+        await first.__anext__()
+        second = engine.generate(SHARED + [2], params, request_id="second")
+        await second.__anext__()  # shares first's two cached blocks
+        assert engine.stats().prefix_cache_hits == 32
+        await second.aclose()
+        await first.aclose()
+        await engine.shutdown()
+        stats = engine.stats()
+        assert stats.num_free_blocks == stats.num_blocks and stats.kv_cache_usage == 0
+        assert stats.num_running == 0
+
+    asyncio.run(main())
