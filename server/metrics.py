@@ -8,7 +8,9 @@ off. Latencies are measured where users feel them: from the HTTP request's arriv
 (tokenization included) to each engine output, as vLLM does. Gauges are read from the
 engine's stats at scrape time. vLLM series this engine cannot feed (queue, prefill and
 inference time need the moment a request is scheduled, which the engine does not report)
-are left out rather than faked. This module knows nothing about HTTP or pydantic;
+are left out rather than faked. The engine's own counters (preemptions, prefix cache queries
+and hits in tokens, as vLLM v1 counts them) are cumulative in its stats and added to the
+Prometheus counters at scrape time. This module knows nothing about HTTP or pydantic;
 server/api.py owns one `ServerMetrics`.
 """
 
@@ -82,14 +84,23 @@ class ServerMetrics:
                                                    _TOKEN_BUCKETS)
         self.running = gauge("num_requests_running", "Requests in the running batch.")
         self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
-        self.kv_usage = (gauge("kv_cache_usage_perc", "Share of the KV cache in use (0 to 1)."),
+        self.kv_usage = (gauge("kv_cache_usage_perc",
+                               "Share of the KV cache blocks running requests hold (0 to 1)."),
                          gauge("gpu_cache_usage_perc",
                                "The same as kv_cache_usage_perc (vLLM's older name)."))
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens submitted to the engine.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
-        # always 0, and there so dashboards show it: a sequence holds its whole KV slot
-        # from admission to the end, so the engine never preempts
-        counter("num_preemptions", "Preemptions (this engine never preempts).")
+        # the engine's cumulative counts, copied at scrape time (`update_from`)
+        self.engine_counters = {
+            "num_preemptions": counter("num_preemptions",
+                                       "Sequences preempted (KV blocks given back, "
+                                       "recomputed later) because the KV cache was full."),
+            "prefix_cache_queries": counter("prefix_cache_queries",
+                                            "Prefix cache queries, in tokens looked up."),
+            "prefix_cache_hits": counter("prefix_cache_hits",
+                                         "Prefix cache hits, in tokens found cached."),
+        }
+        self.engine_seen = dict.fromkeys(self.engine_counters, 0)
         finished = Counter(PREFIX + "request_success",
                            "Engine requests finished, by finish reason.",
                            ["model_name", "finished_reason"], registry=registry)
@@ -97,11 +108,16 @@ class ServerMetrics:
                          for r in FINISH_REASONS}
 
     def update_from(self, stats) -> None:
-        """Copy the engine's gauges (an EngineStats) just before a scrape."""
+        """Copy the engine's gauges and counters (an EngineStats) just before a scrape."""
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         for gauge in self.kv_usage:
             gauge.set(stats.kv_cache_usage)
+        for name, counter in self.engine_counters.items():
+            value = getattr(stats, name)
+            if value > self.engine_seen[name]:
+                counter.inc(value - self.engine_seen[name])
+                self.engine_seen[name] = value
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -475,3 +475,23 @@ def test_an_aborted_stream_gives_back_its_blocks_shared_ones_included(tokenizer)
         assert stats.num_running == 0
 
     asyncio.run(main())
+
+
+def test_prefix_cache_and_preemption_counters_reach_prometheus(tokenizer):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.metrics import ServerMetrics
+
+    engine = make_engine(make_model(), tokenizer)
+    metrics = ServerMetrics("m")
+    greedy = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    values = {}
+    for rid in ("a", "b"):  # b finds a's two full blocks
+        run_all(engine, {rid: (SHARED + [ord(rid)], greedy)})
+        metrics.update_from(engine.stats())  # scraped after each: counters add the deltas
+        values = {s.name: s.value for f in text_string_to_metric_families(
+            metrics.render().decode()) for s in f.samples}
+    assert values["vllm:prefix_cache_queries_total"] == 41 * 2
+    assert values["vllm:prefix_cache_hits_total"] == 32
+    assert values["vllm:num_preemptions_total"] == 0
+    assert values["vllm:kv_cache_usage_perc"] == 0
