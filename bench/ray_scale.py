@@ -3,9 +3,11 @@ under a 32-client streaming load, autoscaling from 1 replica on a load step.
 
     python bench/ray_scale.py [--only throughput,fault,autoscale] [--checkpoint DIR]
 
-Starts a local Ray cluster (loopback, 2 CPUs), serves the demo model (or --checkpoint)
-through server/ray_app.py exactly as `fanformer-serve --ray` would, and prints one JSON
-line per run. Every wait is bounded; docs/SERVING.md records the results.
+Starts a local Ray cluster (loopback, 2 CPUs, with Ray's dashboard: its state API reports
+each replica's PID), serves the demo model (or --checkpoint) through server/ray_app.py
+exactly as `fanformer-serve --ray` would, and prints one JSON line per run. The fault run
+kills a replica by the PID Ray reports for it, never by a process name. Every wait is
+bounded; docs/SERVING.md records the results.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import openai
 import psutil
 import ray
 from ray import serve
+from ray.util.state import list_actors
 
 from server import ray_app
 from server.cli import build_parser, check_args
 
 MODEL = "fanformer-demo"
-REPLICA = f"ray::ServeReplica:{ray_app.APP_NAME}:FanformerReplica"
+REPLICA_CLASS = f"ServeReplica:{ray_app.APP_NAME}:{ray_app.DEPLOYMENT}"  # Ray's actor class
 
 
 def deploy(checkpoint: str | None, *flags: str) -> None:
@@ -41,12 +44,23 @@ def deploy(checkpoint: str | None, *flags: str) -> None:
 def running() -> int:
     app = serve.status().applications.get(ray_app.APP_NAME)
     return 0 if app is None else \
-        app.deployments["FanformerReplica"].replica_states.get("RUNNING", 0)
+        app.deployments[ray_app.DEPLOYMENT].replica_states.get("RUNNING", 0)
 
 
 def replica_pids() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if " ".join(p.info["cmdline"] or ()).startswith(REPLICA)]
+    """The PIDs of this app's live replicas on this node, as Ray's state API reports them."""
+    here = ray.get_runtime_context().get_node_id()
+    actors = list_actors(filters=[("class_name", "=", REPLICA_CLASS), ("state", "=", "ALIVE")],
+                         raise_on_missing_output=False)
+    return [a.pid for a in actors if a.node_id == here]
+
+
+def kill_replica(pid: int) -> None:
+    """SIGKILL one replica's worker, checking first that Ray still reports that PID for a
+    replica of this app (a PID is never taken from a process name)."""
+    if pid not in replica_pids():
+        raise RuntimeError(f"Ray no longer reports a replica with PID {pid}")
+    psutil.Process(pid).kill()
 
 
 async def stream_one(client: openai.AsyncOpenAI, i: int, max_tokens: int) -> tuple[str, int]:
@@ -91,7 +105,7 @@ async def fault(url: str, clients: int = 32, max_tokens: int = 128) -> dict:
         load = [asyncio.ensure_future(stream_one(c, i, max_tokens)) for i in range(clients)]
         await asyncio.sleep(1.5)
         victim = before[0]
-        psutil.Process(victim).kill()
+        kill_replica(victim)
         killed_at = time.monotonic()
         results = await asyncio.wait_for(asyncio.gather(*load), timeout=180)
         load_done_s = time.monotonic() - killed_at
@@ -158,7 +172,8 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             logging_level="WARNING", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         runs = a.only.split(",")
