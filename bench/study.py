@@ -295,7 +295,7 @@ def run_study(study: Study, settings: dict, configs: dict[str, ModelConfig]) -> 
         env["OMP_NUM_THREADS"] = str(a.threads)
     manifest = study.manifest
     refresh(manifest, study.dir)
-    running: dict[str, tuple[Run, subprocess.Popen]] = {}
+    running: dict[str, subprocess.Popen] = {}
     unfinished: set[str] = set()  # failed or stopped in this invocation: not retried now
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
@@ -316,13 +316,13 @@ def run_study(study: Study, settings: dict, configs: dict[str, ModelConfig]) -> 
                 _log(f"start {run.id} ({run.phase}, from step {steps_done(run_dir)}): "
                      f"{' '.join(cmd)}")
                 with open(logs_dir / f"{run.id}.log", "a") as log:
-                    running[run.id] = (run, subprocess.Popen(
-                        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()))
+                    running[run.id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                       env=env)
             study.save_manifest(manifest)
             if not running:
                 return [r for r in unfinished if manifest["runs"][r]["status"] == "failed"]
             time.sleep(a.poll_s)
-            for rid, (_, proc) in list(running.items()):
+            for rid, proc in list(running.items()):
                 if proc.poll() is None:
                     continue
                 del running[rid]
@@ -338,9 +338,9 @@ def run_study(study: Study, settings: dict, configs: dict[str, ModelConfig]) -> 
                          f"(exit {proc.returncode}; log {logs_dir / (rid + '.log')})")
     except (KeyboardInterrupt, _Interrupted):
         _log(f"interrupted: stopping {len(running)} run(s) (each saves a checkpoint)")
-        for _, proc in running.values():
+        for proc in running.values():
             proc.send_signal(signal.SIGTERM)
-        for rid, (_, proc) in running.items():
+        for rid, proc in running.items():
             proc.wait()
             manifest["runs"][rid]["status"] = "stopped"
         study.save_manifest(manifest)
@@ -405,18 +405,24 @@ def dry_run(study: Study, settings: dict, configs: dict[str, ModelConfig]) -> No
     seconds, states = 0.0, {"done": 0, "resume": 0, "new": 0}
     n_evals = (s["steps"] - 1) // s["eval_every"] if s["eval_every"] else 0
     eval_tokens = n_evals * s["eval_tokens"] + Path(s["eval_file"]).stat().st_size // 4
+    lines = []
     for run in runs + unknown:
         run_dir = study.dir / "runs" / run.id
         if run.id in finals:
             states["done"] += 1
+            lines.append(f"{run.id}: done, {finals[run.id]['eval_bits_per_byte']:.4f} bits/byte")
             continue
         done = steps_done(run_dir) if run.lr == run.lr else 0
         states["resume" if done else "new"] += 1
         left = (s["steps"] - done) * s["batch_size"] * s["seq_len"] + eval_tokens / 3
         seconds += left / speed[run.arm]
+        name = run.id if run.lr == run.lr else f"{run.arm} seed {run.seed} at its best rate"
+        lines.append(f"{name}: " + (f"resume at step {done}" if done else "to start"))
+    print("runs (in launch order, sweep first):\n  " + "\n  ".join(lines))
     print(f"runs: {states['done']} done, {states['resume']} to resume, {states['new']} to "
           f"start ({len(unknown)} of them at a rate the sweep will pick)")
-    print(f"estimated time left: {seconds / 3600 / a.jobs:.1f} h with {a.jobs} job(s) at the "
+    print(f"estimated time left: {seconds / 3600 / a.jobs:.1f} h ({seconds / 60 / a.jobs:.0f} "
+          f"min) with {a.jobs} job(s) at the "
           f"tokens/s above (evals counted at 1/3 of a training token; the machine's load "
           f"now is part of the measurement)")
 

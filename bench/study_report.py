@@ -115,6 +115,9 @@ def summarize(arms: dict[str, dict], lrs: list[float], seeds: list[int],
     if targets is None:
         targets = default_targets(means[BASELINE]) if BASELINE in means else []
     paired = paired_differences(by_seed)
+    order = [arm for arm in arms if arm in by_seed]  # each arm against the one before it
+    step = {arm: paired_differences({"prev": by_seed[prev], arm: by_seed[arm]}, "prev")[arm]
+            for prev, arm in zip(order, order[1:])}
     reach = {arm: {t: {s: tokens_to_reach(c, t) for s, c in arm_curves[arm].items()}
                    for t in targets} for arm in arm_curves}
     out = {"baseline": BASELINE, "lrs": lrs, "seeds": seeds, "targets": targets, "arms": {}}
@@ -127,6 +130,7 @@ def summarize(arms: dict[str, dict], lrs: list[float], seeds: list[int],
             row["final_bits_per_byte"] = {"per_seed": by_seed[arm],
                                           **mean_sd(list(by_seed[arm].values()))}
             row["paired_vs_baseline"] = paired[arm] if BASELINE in by_seed else None
+            row["paired_vs_previous"] = step.get(arm)
             row["curve"] = means[arm]
             row["tokens_to"] = [_reach_row(t, reach[arm][t], reach.get(BASELINE, {}).get(t))
                                 for t in targets]
@@ -162,6 +166,12 @@ def _pm(stats: dict, digits: int = 4, signed: bool = False) -> str:
     return f"{stats['mean']:{'+' if signed else ''}.{digits}f}{sd}"
 
 
+def _paired(p: dict | None) -> str:
+    if not p or not p["n"]:
+        return "-"
+    return f"{_pm(p, signed=True)} ({', '.join(f'{d:+.4f}' for d in p['diffs'].values())})"
+
+
 def _tokens(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,.0f}"
 
@@ -178,15 +188,16 @@ def report_markdown(summary: dict) -> str:
         lines.append(f"| {r['label']} | {r['non_embedding_parameters']:,} | "
                      + " | ".join(cells) + f" | {best} |")
     lines += ["", "## Final eval bits/byte at each arm's best rate (whole eval file)", "",
-              "| arm | seeds | bits/byte, mean ± sd | minus dense, paired by seed: mean ± sd "
-              "| per seed |", "|---|---:|---:|---:|---|"]
+              "Differences are paired by seed (same data order and init seed): mean ± sd over "
+              "the seeds both arms have; per seed in brackets. Negative = better.", "",
+              "| arm | seeds | bits/byte, mean ± sd | minus dense | minus the arm above |",
+              "|---|---:|---:|---:|---:|"]
     for r in arms.values():
         if "final_bits_per_byte" not in r:
             continue
-        f, p = r["final_bits_per_byte"], r.get("paired_vs_baseline")
-        per_seed = ", ".join(f"{d:+.4f}" for d in p["diffs"].values()) if p else "-"
-        lines.append(f"| {r['label']} | {f['n']} | {_pm(f)} | "
-                     f"{_pm(p, signed=True) if p else '-'} | {per_seed} |")
+        cells = [_paired(r.get(k)) for k in ("paired_vs_baseline", "paired_vs_previous")]
+        lines.append(f"| {r['label']} | {r['final_bits_per_byte']['n']} | "
+                     f"{_pm(r['final_bits_per_byte'])} | " + " | ".join(cells) + " |")
     if summary["targets"]:
         lines += ["", "## Tokens to reach an eval loss (bits/byte on the curve's eval tokens)",
                   "", "Mean over seeds of each run's interpolated tokens (runs that got there); "

@@ -107,6 +107,12 @@ def test_paired_differences_cancel_the_seed_noise():
     assert paired["cola"]["diffs"] == pytest.approx({0: 0.1, 1: 0.0})
     assert paired["cola"]["sd"] == pytest.approx(math.sqrt(0.005))
     assert paired["dense"]["mean"] == 0
+    arms = {a: {"label": a, "non_embedding_parameters": 1} for a in by_seed}
+    finals = {(a, 1e-3, s): v for a, vs in by_seed.items() for s, v in vs.items()}
+    summary = summarize(arms, [1e-3], [0, 1, 2], dict.fromkeys(arms, 1e-3), finals, {})
+    assert summary["arms"]["cola"]["paired_vs_previous"]["diffs"] == pytest.approx(
+        {0: 0.11, 1: 0.01})  # cola - fan, on the seeds both have
+    assert summary["arms"]["dense"]["paired_vs_previous"] is None
 
 
 def test_tokens_to_reach_interpolates_the_first_crossing():
