@@ -219,7 +219,7 @@ class Study:
                 "batch_size": a.batch_size, "steps": a.steps, "warmup_steps": a.warmup_steps,
                 "eval_every": a.eval_every, "eval_tokens": a.eval_tokens,
                 "save_every": a.save_every, "precision": a.precision,
-                "train_flags": a.train_flags.split(), "arms": a.arms, "lrs": a.lrs,
+                "train_flags": (a.train_flags or "").split(), "arms": a.arms, "lrs": a.lrs,
                 "seeds": a.seeds}
 
     def check_settings(self, settings: dict) -> None:
@@ -459,8 +459,9 @@ def build_parser() -> FlagParser:
     g.add_argument("--eval_tokens", type=int, default=65536, help="tokens per curve point")
     g.add_argument("--save_every", type=int, default=100, help="steps between checkpoints")
     g.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    g.add_argument("--train_flags", default="",
-                   help='more fanformer-train flags for every run, e.g. "--document_mask"')
+    g.add_argument("--train_flags", default=None,
+                   help="more fanformer-train flags for every run, given with '=': "
+                        "--train_flags=--document_mask")
     g = p.add_argument_group("this invocation")
     g.add_argument("--jobs", type=int, default=2, help="runs at a time")
     g.add_argument("--threads", type=int, default=1, help="OMP threads per run (0: torch's)")
