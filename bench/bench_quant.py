@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from fanformer.checkpoint import DEMO_CHECKPOINT, load_checkpoint, load_tokenizer  # noqa: E402
 from fanformer.config import ModelConfig  # noqa: E402
-from fanformer.data import EVAL_TEXT, bits_per_byte  # noqa: E402
+from fanformer.data import EVAL_TEXT, bits_per_byte, read_eval_text  # noqa: E402
 from fanformer.model import FANformer  # noqa: E402
 from fanformer.tokenizer import Tokenizer  # noqa: E402
 from quant import layers as qlayers  # noqa: E402
@@ -153,7 +153,7 @@ METHODS = [("int8", []), ("rtn", []), ("gptq", []), ("gptq", ["--desc_act"]), ("
 
 def run_quality(args) -> dict:
     checkpoint = Path(args.checkpoint)
-    text = Path(args.eval_data).read_text()
+    text = read_eval_text(args.eval_data)  # as fanformer-quantize scores it
     results: dict = {}
     model, tokenizer = load_checkpoint(checkpoint)
     seq_len = min(512, model.config.max_seq_len)
