@@ -31,7 +31,7 @@ SPAN_MULTIPLE = 64  # decode attention spans are padded (and masked) to a multip
 
 
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """A step's metadata (ids, slots, positions) as an int64 tensor on `device`: on CUDA
+    """A step's metadata (ids, cache indices, positions) as an int64 tensor on `device`: on CUDA
     through pinned memory, so the copy does not block the host (one per list and step)."""
     if device.type == "cuda":
         return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device,
