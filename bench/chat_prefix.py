@@ -235,14 +235,22 @@ async def run_phase(url: str, kind: str, phase: str, rnd: int, args, ids) -> dic
             prompt = system + user_turn(args.seed, rnd, phase, c, chat, 0, args.user_len, ids)
             for turn in range(turns):
                 rec = await stream_completion(client, url, prompt, max_tokens)
-                records.append({**rec, "client": c, "chat": chat, "turn": turn})
+                entry = {**rec, "client": c, "chat": chat, "turn": turn}
+                records.append(entry)
                 if rec["error"] or turn + 1 == turns:
                     break  # a failed turn ends its chat: there is no history to resend
-                reply = await tokenize(client, url, kind, rec.pop("text"))
+                try:
+                    reply = await tokenize(client, url, kind, entry.pop("text"))
+                except httpx.HTTPError as e:  # counted on the turn, never fatal
+                    entry["error"] = f"tokenize: {type(e).__name__}: {str(e)[:200]}"
+                    break
                 prompt = next_prompt(prompt, reply, user_turn(
                     args.seed, rnd, phase, c, chat, turn + 1, args.user_len, ids))
 
-    limits = httpx.Limits(max_connections=args.clients + 4)
+    # No keep-alive: llama-server's HTTP library closes idle and long-used connections on
+    # its own, and a request sent on one as it closes fails ("disconnected without sending
+    # a response"). A connection per request costs both servers the same.
+    limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(900, connect=10)) as cl:
         t0 = time.perf_counter()
         await asyncio.gather(*(one_client(cl, c) for c in range(args.clients)))
@@ -297,7 +305,7 @@ async def memory_load(url: str, args, ids, rnd: int) -> dict:
     """--memory-chats unique short chats at once, /metrics polled all along."""
     stop = asyncio.Event()
     poller = asyncio.create_task(poll_running(url, stop))
-    limits = httpx.Limits(max_connections=args.memory_chats + 4)
+    limits = httpx.Limits(max_connections=args.memory_chats + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(1800, connect=10)) as cl:
         recs = await asyncio.gather(*(stream_completion(
             cl, url, random_ids(("memory", args.seed, rnd, i), args.memory_prompt_len, ids),
