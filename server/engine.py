@@ -65,7 +65,8 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"  # auto = bfloat16 (CPU and CUDA); float32 and float16 also allowed
     batch_invariant: bool = False  # quantized layers: one kernel at every batch size, so a
-    #   request gives bitwise the same tokens alone and in a crowd (4-bit: slower at 1-4 rows)
+    #   request gives bitwise the same tokens alone and in a crowd (4-bit: slower at 1-4 rows);
+    #   also turns off cascade decode over a shared prefix (server/kv_cache.py)
     fp32_logits: bool | None = None  # the LM head in fp32 (no bf16 ties); default: on CUDA
     #   only: on CPU an fp32 head cost 5x the bf16 one (32 vs 6 ms a step at batch 64, 32k
     #   vocabulary), a third of the step, so there the bf16 logits are cast to fp32 instead
@@ -203,7 +204,8 @@ class LLMEngine:
         ids = [c.request.token_at(c.start + i) for c in plan.chunks for i in range(c.length)]
         segments = [Segment(c.request.blocks.block_ids, c.start, c.length)
                     for c in plan.chunks]
-        attention = StepAttention(self.pool, segments)
+        # cascade decode changes a row's bits with its neighbours: not when batch-invariant
+        attention = StepAttention(self.pool, segments, cascade=not self.config.batch_invariant)
         wanted: list[int] = []  # batch indices whose logits we compute
         rows: list[list[int]] = []
         offset = 0

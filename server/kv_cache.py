@@ -13,6 +13,13 @@ Blocks sit on dim 2 so that one `index_select` of the decode rows' blocks, viewe
 (n_kv, rows, span, hd) and transposed, is what SDPA takes: one copy of the rows' K/V per
 layer, no second one. (docs/ENGINE.md "The KV cache" measures it against the slot cache it
 replaced, which read a strided view without any copy when the rows' slots were contiguous.)
+Cascade decode (CPU, unless the engine is batch-invariant): when several decode rows share
+their leading blocks (prefix caching gives a chat's system prompt the same block ids in
+every row), copying that prefix once per row dominates the step. Then the rows' queries
+attend to the shared prefix once, as one unmasked sequence, reading its K/V as a view when
+its blocks are a contiguous run; each row attends to its own remaining blocks (gather +
+masked SDPA as above, over the suffix only); `merge_attention` combines the two by their
+log-sum-exps. A row's bits then depend on its neighbours, hence the batch-invariant opt-out.
 This module knows tensors and block tables; it knows nothing of requests or sampling.
 server/engine.py builds one `StepAttention` per step.
 """
@@ -20,6 +27,7 @@ server/engine.py builds one `StepAttention` per step.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +36,11 @@ import torch.nn.functional as F
 from fanformer.config import ModelConfig
 
 SPAN_MULTIPLE = 64  # decode attention spans are padded (and masked) to a multiple of this
+CASCADE_MIN_ROWS = 2  # decode rows that must share a prefix for cascade decode
+CASCADE_MIN_BLOCKS = 4  # and how many leading blocks they must share
+# the CPU flash-attention op that F.scaled_dot_product_attention dispatches to on CPU; called
+# directly because it also returns each query's log-sum-exp, (B, H, L) fp32
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -73,10 +86,45 @@ class Segment:
     length: int
 
 
+def shared_prefix(dec: list[Segment], block_size: int) -> tuple[list[int], list[int]] | None:
+    """The decode rows that share the most common first block, and the leading blocks they
+    all share that every one of them sees whole (before its own token); None when fewer than
+    CASCADE_MIN_ROWS rows share CASCADE_MIN_BLOCKS blocks. One group per step: the common
+    case is a chat's system prompt shared by all. -> (row indices into `dec`, block ids)."""
+    first, count = Counter(s.blocks[0] for s in dec).most_common(1)[0]
+    if count < CASCADE_MIN_ROWS:
+        return None
+    rows = [i for i, s in enumerate(dec) if s.blocks[0] == first]
+    limit = min(dec[i].start for i in rows) // block_size
+    lead = dec[rows[0]].blocks
+    n = 0
+    while n < limit and all(dec[i].blocks[n] == lead[n] for i in rows):
+        n += 1
+    return (rows, lead[:n]) if n >= CASCADE_MIN_BLOCKS else None
+
+
+def as_run(ids: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Ids as an index: a slice (indexing gives a view) when they are an ascending run,
+    else an int64 tensor (indexing gathers, once)."""
+    if ids == list(range(ids[0], ids[0] + len(ids))):
+        return slice(ids[0], ids[0] + len(ids))
+    return to_device(ids, device)
+
+
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                    lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over keys A and B from attention over each: out (..., hd) and lse (...) ->
+    (..., hd) fp32. Weights exp(lse - max) so neither exponent overflows."""
+    m = torch.maximum(lse_a, lse_b)
+    wa, wb = torch.exp(lse_a - m)[..., None], torch.exp(lse_b - m)[..., None]
+    return (out_a.float() * wa + out_b.float() * wb) / (wa + wb)
+
+
 class StepAttention:
     """The model's `KVCache` for one step over a flattened (1, N) batch of segments."""
 
-    def __init__(self, pool: KVCachePool, segments: list[Segment]):
+    def __init__(self, pool: KVCachePool, segments: list[Segment], cascade: bool = False):
+        """`cascade`: allow cascade decode (CPU only; it is off for a batch-invariant engine)."""
         self.pool = pool
         device = pool.device
         bs = pool.block_size
@@ -90,21 +138,30 @@ class StepAttention:
         while n_dec < len(segments) and segments[n_dec].length == 1:
             n_dec += 1
         self.n_dec = n_dec
+        self.prefix = None  # cascade decode: (row indices, prefix blocks) or None
         if n_dec:
             dec = segments[:n_dec]
-            # Batch invariance: with the span a multiple of SPAN_MULTIPLE and the mask
-            # always given, a row's output is bitwise the same whatever the group's span
-            # (measured, bf16 and fp32, spans up to 1024); an exact span or a missing mask
-            # changes the kernel's blocking and the last bits.
-            longest = max(s.start for s in dec) + 1
-            step = math.lcm(SPAN_MULTIPLE, bs)
+            if cascade and device.type == "cpu":
+                self.prefix = shared_prefix(dec, bs)
+            skip = [0] * n_dec  # leading blocks a row's own attention leaves to the prefix
+            if self.prefix is not None:
+                self._plan_prefix(*self.prefix, skip)
+                step = bs  # no batch invariance to keep: pad to whole blocks only
+            else:
+                # Batch invariance: with the span a multiple of SPAN_MULTIPLE and the mask
+                # always given, a row's output is bitwise the same whatever the group's span
+                # (measured, bf16 and fp32, spans up to 1024); an exact span or a missing
+                # mask changes the kernel's blocking and the last bits.
+                step = math.lcm(SPAN_MULTIPLE, bs)
+            longest = max(s.start + 1 - k * bs for s, k in zip(dec, skip))
             self.dec_span = -(-longest // step) * step
             nb = self.dec_span // bs
-            # (D * nb,) each row's blocks, padded with block 0 (masked out)
-            table = [b for s in dec for b in (s.blocks + [0] * nb)[:nb]]
+            # (D * nb,) each row's blocks after its skipped ones, padded with block 0 (masked)
+            table = [b for s, k in zip(dec, skip) for b in (s.blocks[k:] + [0] * nb)[:nb]]
             self.dec_blocks = to_device(table, device)
             keys = torch.arange(self.dec_span, device=device)
-            last = self.positions[0, :n_dec]  # (D,) each decode row's position
+            # (D,) each decode row's position, less the tokens of its skipped blocks
+            last = self.positions[0, :n_dec] - to_device([k * bs for k in skip], device)
             self.dec_mask = (keys[None, :] <= last[:, None])[:, None, None, :]  # (D,1,1,S)
         # prefill chunks: (token offset in the batch, blocks or None, start, length, mask)
         self.chunks = []
@@ -129,7 +186,9 @@ class StepAttention:
         kflat.index_copy_(1, self.write_index, k[0].to(kc.dtype))  # k[0]: (n_kv, N, hd)
         vflat.index_copy_(1, self.write_index, v[0].to(vc.dtype))
         outs = []
-        if self.n_dec:
+        if self.prefix is not None:
+            outs.append(self._cascade_decode(kc, vc, q))
+        elif self.n_dec:
             d, span = self.n_dec, self.dec_span
             # one copy of the rows' blocks, (n_kv, D * nb, bs, hd), seen as (D, n_kv, S, hd)
             kd = torch.index_select(kc, 1, self.dec_blocks).view(n_kv, d, span, hd)
@@ -154,3 +213,44 @@ class StepAttention:
                                                     enable_gqa=True)
             outs.append(oc)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _plan_prefix(self, rows: list[int], blocks: list[int], skip: list[int]):
+        """Cascade decode's metadata: which rows read the prefix, and its blocks (a slice of
+        the pool when they are an ascending run, else their ids for one gather)."""
+        for i in rows:
+            skip[i] = len(blocks)
+        self.prefix_rows = as_run(rows, self.pool.device)
+        self.prefix_blocks = as_run(blocks, self.pool.device)
+        self._bias = None  # dec_mask as the additive mask the op takes, in q's dtype
+
+    def _cascade_decode(self, kc, vc, q):
+        """Decode attention as shared prefix + each row's suffix, merged: (1, H, D, hd).
+        GQA without expanding K/V: the g query heads of a KV head fold into the query
+        length (the prefix has no mask; the suffix's mask is the same for all of a row's
+        heads)."""
+        n_kv, _, bs, hd = kc.shape  # kc/vc: (n_kv, blocks, bs, hd)
+        d, span = self.n_dec, self.dec_span
+        h = q.shape[1]
+        g = h // n_kv
+        # each row over its own blocks: (D, n_kv, S, hd), queries (D, n_kv, g, hd)
+        kd = torch.index_select(kc, 1, self.dec_blocks).view(n_kv, d, span, hd).transpose(0, 1)
+        vd = torch.index_select(vc, 1, self.dec_blocks).view(n_kv, d, span, hd).transpose(0, 1)
+        qd = q[0, :, :d].transpose(0, 1).reshape(d, n_kv, g, hd)
+        if self._bias is None or self._bias.dtype != q.dtype:  # built once per step
+            self._bias = torch.zeros(self.dec_mask.shape, dtype=q.dtype,
+                                     device=q.device).masked_fill(~self.dec_mask, -math.inf)
+        out, lse = _flash_cpu(qd, kd.to(q.dtype), vd.to(q.dtype), 0.0, False,
+                              attn_mask=self._bias)  # (D, n_kv, g, hd), (D, n_kv, g)
+        # the prefix rows' queries as one (1, n_kv, g * G, hd) sequence over the prefix
+        qg = q[0, :, :d][:, self.prefix_rows]  # (H, G, hd)
+        rows = qg.shape[1]
+        kp, vp = kc[:, self.prefix_blocks], vc[:, self.prefix_blocks]  # (n_kv, P/bs, bs, hd)
+        plen = kp.shape[1] * bs
+        op, lsep = _flash_cpu(qg.reshape(1, n_kv, g * rows, hd),
+                              kp.reshape(1, n_kv, plen, hd).to(q.dtype),
+                              vp.reshape(1, n_kv, plen, hd).to(q.dtype), 0.0, False)
+        op = op.view(n_kv, g, rows, hd).permute(2, 0, 1, 3)  # (G, n_kv, g, hd)
+        lsep = lsep.view(n_kv, g, rows).permute(2, 0, 1)  # (G, n_kv, g)
+        out[self.prefix_rows] = merge_attention(
+            out[self.prefix_rows], lse[self.prefix_rows], op, lsep).to(out.dtype)
+        return out.reshape(d, h, hd).transpose(0, 1)[None]  # (1, H, D, hd)

@@ -495,3 +495,31 @@ def test_prefix_cache_and_preemption_counters_reach_prometheus(tokenizer):
     assert values["vllm:prefix_cache_hits_total"] == 32
     assert values["vllm:num_preemptions_total"] == 0
     assert values["vllm:kv_cache_usage_perc"] == 0
+
+
+def test_cascade_decode_over_a_shared_prompt_gives_the_uncached_tokens(tokenizer, monkeypatch):
+    """Five requests sharing a 70-token prompt (4 full blocks) decode together: with prefix
+    caching their rows share those blocks and decode attention runs as cascade (prefix once
+    + own blocks, merged); without caching, or when batch-invariant, it runs as one gather.
+    Same greedy tokens (fp32), and those of the reference loop."""
+    from server.kv_cache import StepAttention
+
+    calls = []
+    cascade = StepAttention._cascade_decode
+    monkeypatch.setattr(StepAttention, "_cascade_decode",
+                        lambda self, *a: calls.append(len(self.prefix[0])) or cascade(self, *a))
+    model = make_model(preset="transformer-test")
+    prompt = [(13 * i) % 400 + 2 for i in range(70)]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    arrivals = [(0, "first", prompt, greedy)] + [(2, f"r{i}", prompt + [i + 1] * i, greedy)
+                                                 for i in range(4)]
+    results = {}
+    for caching, invariant in [(True, False), (False, False), (True, True)]:
+        calls.clear()
+        engine = make_engine(model, tokenizer, enable_prefix_caching=caching,
+                             batch_invariant=invariant)
+        results[caching, invariant] = run_arrivals(engine, list(arrivals))
+        assert (max(calls, default=0) == 5) == (caching and not invariant)
+    assert results[True, False] == results[False, False] == results[True, True]
+    for _, rid, p, _ in arrivals:
+        assert results[True, False][rid] == generate(model, p, 10, temperature=0)
