@@ -4,7 +4,7 @@ One background task owns the `LLMEngine`: it applies the requests and aborts sub
 since the last step, runs `engine.step()` in a worker thread (off the event loop), and
 delivers each `RequestOutput` to its request's queue. Submissions are checked on the event
 loop (invalid params, too long, queue full) so `generate` raises on its first iteration.
-A consumer that stops iterating early aborts its request, freeing the cache slot before
+A consumer that stops iterating early aborts its request, freeing its KV blocks before
 the next step. If a step raises, the engine is dead: every pending request finishes with
 "error" and later calls raise `EngineDeadError`. This module knows asyncio and the engine
 interface only; server/api.py and server/cli.py call it.
@@ -109,7 +109,7 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Abort a request: its cache slot is freed before the next step."""
+        """Abort a request: its KV blocks are freed before the next step."""
         if request_id not in self._queues:
             return
         with self._lock:
@@ -167,7 +167,7 @@ class AsyncEngine:
             for request_id in list(self._queues):
                 self._deliver_final(request_id, "error", f"the engine stopped: {e}")
         finally:
-            if self._stopping:  # nothing runs any more: free every slot
+            if self._stopping:  # nothing runs any more: free every block
                 with self._lock:
                     self._ops, self._pending_adds = [], 0
                 for request_id in list(self.engine.scheduler.by_id):

@@ -95,7 +95,7 @@ class Fanout:
                 yield i, item
 
     def close(self) -> None:
-        """Abort whatever has not finished and free its cache slot now."""
+        """Abort whatever has not finished and free its KV blocks now."""
         for task in self.tasks:
             task.cancel()
         for i, sub in enumerate(self.subs):
