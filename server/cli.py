@@ -80,7 +80,7 @@ def build_parser() -> FlagParser:
                    help="tokens per KV cache block")
     p.add_argument("--no_prefix_caching", dest="enable_prefix_caching", action="store_false",
                    help="do not reuse the cached KV blocks of a prompt's prefix (prefix "
-                        "caching is on by default)")
+                        "caching on unless given: %(default)s)")
     p.add_argument("--max_num_batched_tokens", type=int, default=engine.max_num_batched_tokens,
                    help="tokens per engine step (decodes + prefill chunks)")
     p.add_argument("--max_queue_len", type=int, default=engine.max_queue_len,
