@@ -227,10 +227,27 @@ def ray_app_builder(builder_args: dict[str, str]):
     """For `serve run server.cli:ray_app_builder key=value ...` (Ray's CLI): the keys are
     fanformer-serve's flags (checkpoint=DIR, num_replicas=2, max_replicas=4, ...)."""
     ray_app = _ray_app()
-    args = build_parser().parse_args([f"--{key}={value}" for key, value in builder_args.items()])
+    parser = build_parser()
+    args = parser.parse_args(builder_argv(parser, builder_args))
     check_args(args)
     ray_app.check_ray_args(args)
     return ray_app.application(args)
+
+
+def builder_argv(parser: argparse.ArgumentParser, builder_args: dict[str, str]) -> list[str]:
+    """`key=value` pairs as fanformer-serve's argv. A switch (`no_prefix_caching`,
+    `batch_invariant`, ...) takes true/false: true gives the bare flag, false leaves it out."""
+    argv = []
+    for key, value in builder_args.items():
+        action = parser._option_string_actions.get(f"--{key}")
+        if action is not None and action.nargs == 0:  # a switch: no value on the command line
+            if str(value).strip().lower() in ("1", "true", "yes", "on", ""):
+                argv.append(f"--{key}")
+            elif str(value).strip().lower() not in ("0", "false", "no", "off"):
+                parser.error(f"{key} is a switch: give {key}=true or {key}=false, not {value!r}")
+            continue
+        argv.append(f"--{key}={value}")
+    return argv
 
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from server.cli import CLIError, bind, build_parser, check_args
+from server.cli import CLIError, bind, build_parser, builder_argv, check_args
 from tests.test_api import run_cli, spawn_server, wait_healthy
 
 
@@ -70,6 +70,18 @@ def test_two_different_checkpoints_are_refused(tmp_path):
 def test_help_shows_defaults():
     text = " ".join(build_parser().format_help().split())
     assert "(default: 8000)" in text and "--timeout_headers" in text and "(default: 10.0)" in text
+
+
+def test_ray_builder_switches_take_true_or_false():
+    """`serve run server.cli:ray_app_builder no_prefix_caching=true`: a switch takes
+    true/false (Ray's CLI always gives a value), a valued flag keeps it."""
+    parser = build_parser()
+    on = parser.parse_args(builder_argv(parser, {"no_prefix_caching": "true", "block_size": "32"}))
+    off = parser.parse_args(builder_argv(parser, {"no_prefix_caching": "False"}))
+    assert (on.enable_prefix_caching, on.block_size) == (False, 32)
+    assert off.enable_prefix_caching is True
+    with pytest.raises(SystemExit):
+        builder_argv(parser, {"no_prefix_caching": "maybe"})
 
 
 def test_bind_reports_the_real_port():
