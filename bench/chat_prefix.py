@@ -41,6 +41,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -100,6 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-prompt-len", "--memory_prompt_len", type=int, default=50,
                    dest="memory_prompt_len", help="a short chat's prompt, token ids")
     p.add_argument("--seed", type=int, default=0, help="seeds every prompt's token ids")
+    p.add_argument("--ours-flags", "--ours_flags", dest="ours_flags", default="",
+                   help="extra fanformer-serve flags for both arms of ours, one string "
+                        "(give it with '=': --ours-flags='--max_num_batched_tokens 2048'); "
+                        "default: none, the server's defaults")
     p.add_argument("--no-llama", "--no_llama", action="store_true", dest="no_llama")
     p.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "anchors")
     p.add_argument("--anchors-work", "--anchors_work", type=Path, dest="anchors_work",
@@ -411,8 +416,9 @@ def run(args) -> dict:
     if not caching_flag:
         print("fanformer-serve has no --no_prefix_caching: the two arms of ours are the "
               "same server", flush=True)
-    specs = {OURS_ON: ours_argv(checkpoint),
-             OURS_OFF: ours_argv(checkpoint, *(["--no_prefix_caching"] * caching_flag))}
+    extra = shlex.split(args.ours_flags)
+    specs = {OURS_ON: ours_argv(checkpoint, *extra),
+             OURS_OFF: ours_argv(checkpoint, *extra, *(["--no_prefix_caching"] * caching_flag))}
     flags = llama_flags(args.clients, chat_context(args))
     if llama:
         specs[LLAMA] = [str(llama), "-m", str(args.anchors_work / "gguf" / GGUF["bf16"]),
