@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from study_report import final_metrics, write_report  # bench/ is on sys.path as a script
+from study_report import final_metrics, read_metrics, write_report  # bench/ is on sys.path
 
 from fanformer.config import ModelConfig
 from fanformer.data import DataError, TokenCache, iter_lines, resolve_files
@@ -188,11 +188,7 @@ def run_command(run: Run, config: ModelConfig, s: dict, run_dir: Path,
 
 def steps_done(run_dir: Path) -> int:
     """The last step a run logged (0 when it has not started)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return max((r["step"] for r in rows if "loss" in r), default=0)
+    return max((r["step"] for r in read_metrics(run_dir) if "loss" in r), default=0)
 
 
 # ---- the study folder ----
