@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,8 +239,12 @@ class Study:
             _log(f"training the study's {self.args.vocab_size}-token BPE tokenizer on "
                  f"{len(files)} file(s)")
             tok = Tokenizer.train(iter_lines(files), self.args.vocab_size, show_progress=True)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tok.save(path.parent)
+            write_marker(self.dir, WRITER)  # before the folder's first file, as for a run
+            tmp = self.dir / ".tokenizer.tmp"  # a killed save leaves no half tokenizer
+            shutil.rmtree(tmp, ignore_errors=True)  # one an earlier killed save left
+            tmp.mkdir()
+            tok.save(tmp)
+            os.replace(tmp, path.parent)
         return path
 
     def save_manifest(self, manifest: dict) -> None:
