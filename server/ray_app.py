@@ -197,10 +197,11 @@ def drain_replicas(drain_signal, timeout_s: float, skip: threading.Event | None 
     timeout, the abort's grace and a margin; `skip` set ends the wait early, as a second
     signal does in one process). Returns how many replicas never reported (e.g. killed
     meanwhile)."""
+    skip = threading.Event() if skip is None else skip  # never set: the wait is the poll's pause
     ray.get(drain_signal.begin.remote())
     bound = time.monotonic() + timeout_s + AFTER_ABORT_S + 5.0
     while (left := ray.get(drain_signal.pending.remote())) and time.monotonic() < bound:
-        if skip is not None and skip.wait(0.2):
+        if skip.wait(0.2):
             logger.warning("second signal: stopping without waiting for the drain")
             break
     return left
