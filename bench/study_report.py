@@ -150,8 +150,8 @@ def _reach_row(target: float, per_seed: dict[int, float | None],
 
 def _paired_curve(arm: dict[int, list], base: dict[int, list]) -> dict:
     """Per eval point, mean and sd over seeds of (arm - baseline) bits/byte."""
-    seeds = [s for s in arm if s in base]
-    diffs = [{t: v - dict(base[s])[t] for t, v in arm[s] if t in dict(base[s])} for s in seeds]
+    pairs = [(arm[s], dict(base[s])) for s in arm if s in base]
+    diffs = [{t: v - b[t] for t, v in curve if t in b} for curve, b in pairs]
     common = sorted(set.intersection(*(set(d) for d in diffs))) if diffs else []
     stats = [mean_sd([d[t] for d in diffs]) for t in common]
     return {"tokens": common, "mean": [x["mean"] for x in stats], "sd": [x["sd"] for x in stats]}
