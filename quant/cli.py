@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -82,18 +83,12 @@ def build_parser() -> FlagParser:
     return p
 
 
-def _read_text(path: str, what: str) -> str:
+def _read_text(path: str, what: str, read: Callable[[str], str] | None = None) -> str:
+    """`read(path)` (default: the file as UTF-8), an unreadable file as one QuantError line."""
     try:
-        return Path(path).read_text(encoding="utf-8", errors="replace")
+        return read(path) if read else Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise QuantError(f"cannot read the {what} {path} ({e.strerror})") from None
-
-
-def _read_eval_text(path: str) -> str:
-    try:
-        return read_eval_text(path)
-    except OSError as e:
-        raise QuantError(f"cannot read the eval text {path} ({e.strerror})") from None
 
 
 def _check_shapes(model, qc: QuantConfig) -> None:
@@ -158,7 +153,8 @@ def quantize(args) -> dict:
                               args.calib_samples, args.calib_seq_len, args.seed)
     if args.eval_tokens is not None and args.eval_tokens < 0:
         raise QuantError(f"--eval_tokens must be >= 0, got {args.eval_tokens}")
-    eval_text = _read_eval_text(args.eval_data) if args.eval_tokens != 0 else ""
+    eval_text = (_read_text(args.eval_data, "eval text", read_eval_text)
+                 if args.eval_tokens != 0 else "")
     torch.manual_seed(args.seed)
     memory_before, rss_before = _tensor_bytes(model), _rss()
     before = _evaluate(model, tokenizer, eval_text, args)
