@@ -36,11 +36,9 @@ def build(config: ModelConfig, rows: int, shared: int, own: int, block_size: int
     own_blocks = sum(-(-n // block_size) - n_prefix for n in lengths)
     num_blocks = n_prefix + own_blocks + 1
     ids = list(range(1, num_blocks))  # block 0 stays free: the gather path pads with it
-    if contiguous:
-        prefix, rest = ids[:n_prefix], ids[n_prefix:]
-    else:
+    if not contiguous:
         rng.shuffle(ids)
-        prefix, rest = ids[:n_prefix], ids[n_prefix:]
+    prefix, rest = ids[:n_prefix], ids[n_prefix:]
     rng.shuffle(rest)
     segments = []
     for n in lengths:
