@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from fanformer.flags import FlagParser
+from fanformer.flags import FlagParser, normalize_argv
 from server.launch import (
     API_KEY_ENV,
     CLIError,
@@ -239,14 +239,16 @@ def builder_argv(parser: argparse.ArgumentParser, builder_args: dict[str, str]) 
     `batch_invariant`, ...) takes true/false: true gives the bare flag, false leaves it out."""
     argv = []
     for key, value in builder_args.items():
-        action = parser._option_string_actions.get(f"--{key}")
+        flag = normalize_argv([f"--{key}"])[0]  # no-prefix-caching as no_prefix_caching
+        action = parser._option_string_actions.get(flag)
         if action is not None and action.nargs == 0:  # a switch: no value on the command line
-            if str(value).strip().lower() in ("1", "true", "yes", "on", ""):
-                argv.append(f"--{key}")
-            elif str(value).strip().lower() not in ("0", "false", "no", "off"):
+            word = str(value).strip().lower()
+            if word in ("1", "true", "yes", "on", ""):
+                argv.append(flag)
+            elif word not in ("0", "false", "no", "off"):
                 parser.error(f"{key} is a switch: give {key}=true or {key}=false, not {value!r}")
             continue
-        argv.append(f"--{key}={value}")
+        argv.append(f"{flag}={value}")
     return argv
 
 

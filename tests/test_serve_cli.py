@@ -78,8 +78,10 @@ def test_ray_builder_switches_take_true_or_false():
     parser = build_parser()
     on = parser.parse_args(builder_argv(parser, {"no_prefix_caching": "true", "block_size": "32"}))
     off = parser.parse_args(builder_argv(parser, {"no_prefix_caching": "False"}))
+    dashed = parser.parse_args(builder_argv(parser, {"no-prefix-caching": "true"}))
     assert (on.enable_prefix_caching, on.block_size) == (False, 32)
     assert off.enable_prefix_caching is True
+    assert dashed.enable_prefix_caching is False  # the dashed spelling is the same switch
     with pytest.raises(SystemExit):
         builder_argv(parser, {"no_prefix_caching": "maybe"})
 
