@@ -111,6 +111,7 @@ class FanformerReplica:
         self.engine = AsyncEngine(LLMEngine(model, tokenizer, engine_config))
         self.settings = settings if settings.served_model_name else \
             dataclasses.replace(settings, served_model_name=name)
+        # _drain_task: held only so the loop's weak reference is not the task's last one
         self.drain_signal, self._drain_task = drain_signal, None
 
     def __serve_build_asgi_app__(self):
