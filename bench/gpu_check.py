@@ -320,9 +320,14 @@ def markdown(report: dict) -> str:
 
 
 def write(report: dict, out: Path) -> None:
+    """The JSON and its .md, rewritten after every step; each lands whole (temporary file,
+    then rename), since a check past its time limit is killed, maybe mid-write."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown(report))
+    for path, text in ((out, json.dumps(report, indent=2)),
+                       (out.with_suffix(".md"), markdown(report))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
