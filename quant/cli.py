@@ -136,6 +136,8 @@ def quantize(args) -> dict:
                      desc_act=args.desc_act, static_groups=args.static_groups,
                      damp_percent=args.damp_percent,
                      true_sequential=not args.no_true_sequential, lm_head=args.lm_head)
+    if args.eval_tokens is not None and args.eval_tokens < 0:
+        raise QuantError(f"--eval_tokens must be >= 0, got {args.eval_tokens}")
     source, output = Path(args.checkpoint), Path(args.output)
     if is_quantized(source):
         raise QuantError(f"{source} is already quantized (it has quant_config.json); "
@@ -151,8 +153,6 @@ def quantize(args) -> dict:
     if method in ("gptq", "awq"):
         ids = calibration_ids(tokenizer, _read_text(args.calib_data, "calibration text"),
                               args.calib_samples, args.calib_seq_len, args.seed)
-    if args.eval_tokens is not None and args.eval_tokens < 0:
-        raise QuantError(f"--eval_tokens must be >= 0, got {args.eval_tokens}")
     eval_text = (_read_text(args.eval_data, "eval text", read_eval_text)
                  if args.eval_tokens != 0 else "")
     torch.manual_seed(args.seed)

@@ -75,6 +75,11 @@ def test_bad_input_errors(tmp_path, checkpoint_dir, calib_file, capsys):
            "fewer than the 4 samples")
     _fails(capsys, ["--method", "awq", "--calib_data", str(tmp_path / "nope.txt"), *base],
            "cannot read the calibration text")
+    _fails(capsys, ["--method", "rtn", *base, "--eval_data", str(tmp_path / "nope.txt")],
+           "cannot read the eval text")
+    _fails(capsys, ["--method", "rtn", "--checkpoint", str(tmp_path / "missing"),  # checked
+                    "--output", str(out), *FAST, "--eval_tokens", "-1"],  # before any load
+           "--eval_tokens must be")
     _fails(capsys, ["--method", "rtn", "--checkpoint", str(tmp_path / "missing"),
                     "--output", str(out), *FAST], "does not exist")
     assert not out.exists()
