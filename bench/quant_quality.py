@@ -223,15 +223,15 @@ def main(argv: list[str] | None = None) -> int:
         done = {(r["method"], r["bits"], r["seed"]) for r in records}
         todo = [job for job in plan(args.seeds) if (job[0], job[2], job[4]) not in done]
         text = eval_text(args) if todo else ""
+        out.parent.mkdir(parents=True, exist_ok=True)
         for label, method, bits, extra, seed in todo:
             record = run_one(args, text, label, method, bits, extra, seed)
             records.append(record)
-            out.parent.mkdir(parents=True, exist_ok=True)
             with open(out, "a") as f:  # one line per result, written whole
                 f.write(json.dumps({**record, "settings": settings}) + "\n")
             print(f"{label} {bits}-bit seed {seed}: {record['bits_per_byte']:.4f} bits/byte "
                   f"({record['seconds']} s)", file=sys.stderr, flush=True)
-    except (BenchError, QuantError, CheckpointError) as e:
+    except (BenchError, QuantError, CheckpointError, OSError) as e:  # e.g. --out a folder
         print(f"quant_quality: error: {e}", file=sys.stderr)
         return 2
     print(table(summarize(records), settings))
