@@ -215,8 +215,11 @@ def main() -> None:
     q.add_argument("--eval_data", default=str(EVAL_TEXT))
     q.add_argument("--eval_tokens", type=int, default=16384)
     for parser in (s, q):
-        parser.add_argument("--out", default=None, help="write the results as JSON here")
+        parser.add_argument("--out", default=None,
+                            help="write the results as JSON here (a new file: never replaced)")
     args = p.parse_args()
+    if args.out and Path(args.out).exists():  # refused before the run, not after it
+        p.error(f"--out {args.out} exists; pass a new file")
     if args.command == "speed":
         torch.set_num_threads(args.threads)
         results = run_speed(args)
@@ -225,7 +228,8 @@ def main() -> None:
         results = run_quality(args)
         print_quality(results)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        with open(args.out, "x") as f:  # fails rather than replace a file made meanwhile
+            f.write(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
