@@ -34,7 +34,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from study_report import final_metrics, read_metrics, write_report  # bench/ is on sys.path
+from study_report import (  # bench/ is on sys.path as a script
+    final_metrics,
+    read_metrics,
+    write_atomic,
+    write_report,
+)
 
 from fanformer.config import ModelConfig
 from fanformer.data import DataError, TokenCache, iter_lines, resolve_files
@@ -248,9 +253,7 @@ class Study:
         return path
 
     def save_manifest(self, manifest: dict) -> None:
-        tmp = self.manifest_path.with_name(".manifest.json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, self.manifest_path)
+        write_atomic(self.manifest_path, json.dumps(manifest, indent=1))
         self.manifest = manifest
 
 

@@ -10,14 +10,29 @@ run it on synthetic metrics. Only finished runs count.
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
 BASELINE = "dense"
 #: default tokens-to-loss targets: the dense arm's curves at these shares of their points
 TARGET_SHARES = (0.25, 0.5, 1.0)
+
+
+# ---- files ----
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write `path` whole or not at all (a temporary file beside it, then a rename): a study
+    killed mid-write keeps the previous version."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    os.replace(tmp, path)
 
 
 # ---- reading runs ----
@@ -257,8 +272,10 @@ def plot_curves(summary: dict, path: Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    write_atomic(path, png.getvalue())
     return path
 
 
@@ -278,10 +295,10 @@ def write_report(study_dir: Path, manifest: dict) -> Path:
     summary = summarize(arms, s["lrs"], s["seeds"], manifest.get("best_lr", {}), finals, curves)
     summary["tokens_per_run"] = s["steps"] * s["batch_size"] * s["seq_len"]
     summary["finished_runs"] = len(finals)
-    (study_dir / "report.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(study_dir / "report.json", json.dumps(summary, indent=1))
     plot_curves(summary, study_dir / "curves.png")
     head = (f"# FANformer ablation study: {len(finals)} finished run(s) of "
             f"{summary['tokens_per_run']:,} tokens\n\nCurves: curves.png. Settings and "
             "commands: manifest.json.\n\n")
-    (study_dir / "report.md").write_text(head + report_markdown(summary))
+    write_atomic(study_dir / "report.md", head + report_markdown(summary))
     return study_dir / "report.md"
