@@ -508,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"report: {write_report(study.dir, study.manifest)}")
             return 0
         tokenizer = study.tokenizer_path()
-        vocab = Tokenizer.load(tokenizer).vocab_size if tokenizer.is_file() else args.vocab_size
+        tok = Tokenizer.load(tokenizer) if tokenizer.is_file() else None  # None: dry run only
+        vocab = args.vocab_size if tok is None else tok.vocab_size
         settings = study.settings(str(tokenizer), vocab)
         study.check_settings(settings)
         shape = {**{k: settings[k] for k in ("d_model", "n_layers", "n_heads", "n_kv_heads",
@@ -520,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         write_marker(study.dir, WRITER)
         for name, files in (("train", settings["data"]), ("eval", [settings["eval_file"]])):
-            TokenCache.build([Path(f) for f in files], Tokenizer.load(tokenizer),
+            TokenCache.build([Path(f) for f in files], tok,
                              settings["cache_dir"], name)  # once, before parallel runs
         manifest = study.manifest or {"version": MANIFEST_VERSION, "runs": {}}
         manifest["settings"] = settings
