@@ -81,16 +81,18 @@ def test_the_budget_holds_exactly_the_slots_it_was_made_from(slots, max_len, per
     assert int(gib * 2**30 // (max_len * per_token)) == slots
 
 
-def test_parse_args_refuses_what_cannot_run(tmp_path):
-    with pytest.raises(SystemExit):  # 400 + 3 turns do not fit the test preset's 128 tokens
-        cp.parse_args(["--model", "test", "--out", str(tmp_path / "a.json")])
-    with pytest.raises(SystemExit):
-        cp.parse_args(["--out", str(tmp_path / "a.md")])
+def test_parse_args_refuses_what_cannot_run(tmp_path, capsys):
+    def refused(*argv: str) -> str:  # the one-line reason (so each case fails for its own)
+        with pytest.raises(SystemExit):
+            cp.parse_args(list(argv))
+        return capsys.readouterr().err.splitlines()[-1]
+
+    # 400 + 3 turns do not fit the test preset's 128 tokens
+    assert "context" in refused("--model", "test", "--out", str(tmp_path / "a.json"))
+    assert "ends in .md" in refused("--out", str(tmp_path / "a.md"))
     (tmp_path / "b.md").write_text("someone's")
-    with pytest.raises(SystemExit):
-        cp.parse_args(["--out", str(tmp_path / "b.json")])
-    with pytest.raises(SystemExit):
-        cp.parse_args(["--clients", "0", "--out", str(tmp_path / "c.json")])
+    assert "exists" in refused("--out", str(tmp_path / "b.json"))
+    assert "--clients" in refused("--clients", "0", "--out", str(tmp_path / "c.json"))
 
 
 # ---- the report ----
