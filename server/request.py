@@ -36,7 +36,6 @@ class Request:
     running: bool = False  # holds blocks (admitted and not preempted or finished)
     prefill_target: int = -1  # prefill up to here (the prompt; after a preemption, every
     #                           token so far), then decode one token a step; -1: the prompt
-    num_preemptions: int = 0
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     # ---- sampling ----

@@ -100,7 +100,6 @@ class Scheduler:
         self._stop(request)
         request.num_computed = 0
         request.prefill_target = request.num_tokens
-        request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
