@@ -13,6 +13,7 @@ without waiting for anything.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -54,6 +55,25 @@ class Drain:
     def elapsed(self) -> float:
         return 0.0 if self.started_at is None else time.monotonic() - self.started_at
 
+    async def run(self, poll_s: float = 0.1) -> None:
+        """The drain itself, for one process or one Ray replica alike: start it (new requests
+        get 503 from now), wait for the requests in flight up to `timeout_s`, then abort what
+        still runs (`on_deadline`: each stream ends with an error event and [DONE]) and give
+        those AFTER_ABORT_S to send it."""
+        self.begin()
+        while self.in_flight and self.elapsed() < self.timeout_s:
+            await asyncio.sleep(poll_s)
+        if not self.in_flight:
+            logger.info("drained in %.1f s", self.elapsed())
+            return
+        logger.warning("%d request(s) still running after %.0f s: aborting them",
+                       self.in_flight, self.timeout_s)
+        if self.on_deadline is not None:
+            await self.on_deadline()
+        aborted_at = time.monotonic()
+        while self.in_flight and time.monotonic() - aborted_at < AFTER_ABORT_S:
+            await asyncio.sleep(poll_s)
+
     def refusal(self) -> JSONResponse:
         return JSONResponse(
             error_body("the server is shutting down; retry the request later or elsewhere",
@@ -91,7 +111,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, drain: Drain):
         super().__init__(config)
         self.drain = drain
-        self._aborted_at: float | None = None
+        self._drain_task: asyncio.Task | None = None  # Drain.run, once the drain starts
 
     def handle_exit(self, sig, frame) -> None:
         if not self.drain.draining:
@@ -103,18 +123,9 @@ class DrainingServer(uvicorn.Server):
             self.force_exit = True
 
     async def on_tick(self, counter: int) -> bool:
-        drain = self.drain
-        if drain.draining and not self.should_exit:
-            if drain.in_flight == 0:
-                logger.info("drained in %.1f s", drain.elapsed())
-                self.should_exit = True
-            elif self._aborted_at is None and drain.elapsed() >= drain.timeout_s:
-                logger.warning("%d request(s) still running after %.0f s: aborting them",
-                               drain.in_flight, drain.timeout_s)
-                self._aborted_at = time.monotonic()
-                if drain.on_deadline is not None:
-                    await drain.on_deadline()
-            elif self._aborted_at is not None \
-                    and time.monotonic() - self._aborted_at > AFTER_ABORT_S:
+        if self.drain.draining and not self.should_exit:
+            if self._drain_task is None:  # the first tick after the signal
+                self._drain_task = asyncio.create_task(self.drain.run())
+            elif self._drain_task.done():
                 self.should_exit = True
         return await super().on_tick(counter)

@@ -80,24 +80,6 @@ class DrainSignal:
         return len(self._pending)
 
 
-async def drain_in_place(drain: Drain) -> None:
-    """One replica's drain, as DrainingServer.on_tick runs it in one process: wait for the
-    requests in flight, up to the drain's timeout; then abort what still runs (the engine's
-    shutdown: each stream ends with an error event and [DONE]) and give those AFTER_ABORT_S
-    to send it. New requests get 503 from the moment `drain.begin()` ran."""
-    drain.begin()
-    while drain.in_flight and drain.elapsed() < drain.timeout_s:
-        await asyncio.sleep(POLL_S)
-    if drain.in_flight:
-        logger.warning("%d request(s) still running after %.0f s: aborting them",
-                       drain.in_flight, drain.timeout_s)
-        if drain.on_deadline is not None:
-            await drain.on_deadline()
-        aborted_at = time.monotonic()
-        while drain.in_flight and time.monotonic() - aborted_at < AFTER_ABORT_S:
-            await asyncio.sleep(POLL_S)
-
-
 @serve.ingress()  # the app is built per replica, after the model loads (below)
 class FanformerReplica:
     """One replica: the model, its engine and the FastAPI app around them."""
@@ -127,7 +109,7 @@ class FanformerReplica:
             await self.drain_signal.wait_for_drain.remote(tag)
         except ray.exceptions.RayActorError:  # fanformer-serve is gone: Ray's rules apply
             return
-        await drain_in_place(drain)
+        await drain.run(POLL_S)
         logger.info("replica %s drained in %.1f s", tag, drain.elapsed())
         await self.drain_signal.drained.remote(tag)
 
