@@ -14,8 +14,7 @@ that neither finds the other's in a cache:
     chat client's text would be.
 Arms, each started fresh, warmed (one burst of --clients chats with a third system prompt)
 and stopped, in an order that rotates by round: ours with prefix caching (the server's
-defaults), ours without (`--no_prefix_caching`, passed only when `fanformer-serve --help`
-lists it; before that the two arms are the same server and the report says so), and
+defaults), ours without (`--no_prefix_caching`), and
 llama-server with `--cache-prompt` and enough context for every slot's whole chat. Per phase:
 TTFT p50/p99 (client side: request sent to first text), output tok/s (completion tokens /
 the phase's wall time), the 1-minute load average before and after, and ours' prefix-cache
@@ -327,13 +326,6 @@ async def memory_load(url: str, args, ids, rnd: int) -> dict:
 
 
 # ---- the run ----
-def server_knows(flag: str) -> bool:
-    """Whether `fanformer-serve --help` lists `flag` (prefix caching lands separately)."""
-    done = subprocess.run([sys.executable, "-m", "server.cli", "--help"], cwd=ROOT,
-                          capture_output=True, text=True)
-    return flag in done.stdout
-
-
 def ours_argv(checkpoint: Path, *flags: str) -> list[str]:
     return [sys.executable, "-m", "server.cli", "--checkpoint", str(checkpoint),
             "--served_model_name", "bench", *flags]
@@ -412,13 +404,9 @@ def run(args) -> dict:
     if skipped:
         print(f"llama-server arm skipped: {skipped}", flush=True)
     checkpoint = build_checkpoints(args.model, args.cache, variants=("bf16",))["bf16"]
-    caching_flag = server_knows("--no_prefix_caching")
-    if not caching_flag:
-        print("fanformer-serve has no --no_prefix_caching: the two arms of ours are the "
-              "same server", flush=True)
     extra = shlex.split(args.ours_flags)
     specs = {OURS_ON: ours_argv(checkpoint, *extra),
-             OURS_OFF: ours_argv(checkpoint, *extra, *(["--no_prefix_caching"] * caching_flag))}
+             OURS_OFF: ours_argv(checkpoint, *extra, "--no_prefix_caching")}
     flags = llama_flags(args.clients, chat_context(args))
     if llama:
         specs[LLAMA] = [str(llama), "-m", str(args.anchors_work / "gguf" / GGUF["bf16"]),
@@ -434,7 +422,7 @@ def run(args) -> dict:
         if args.memory:
             memory += measure_memory(checkpoint, config, rnd, args, ids, logdir)
     return {"points": points, "memory": memory, "servers": {k: v[1:] for k, v in specs.items()},
-            "prefix_caching_flag": caching_flag, "llama_skipped": skipped or None,
+            "prefix_caching_flag": True, "llama_skipped": skipped or None,
             "llama_server": None if llama is None else {"path": str(llama), "flags": flags,
                                                         "version": subprocess.run(
                 [llama, "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

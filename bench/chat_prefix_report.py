@@ -14,6 +14,8 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
+from side_by_side_report import median_or_none  # bench/ is on sys.path as a script
+
 OURS_ON, OURS_OFF, LLAMA = "ours caching on", "ours caching off", "llama-server"
 ARMS = (OURS_ON, OURS_OFF, LLAMA)
 PHASES = ("single", "multi")
@@ -39,11 +41,6 @@ def pct(xs: list[float], p: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return round(statistics.median(xs), 3) if xs else None
-
-
 def point_figures(point: dict, max_tokens: int) -> dict:
     """One (phase, arm, round) measurement's figures from its per-request records."""
     ok = [r for r in point["records"] if not r["error"]]
@@ -67,7 +64,7 @@ def summarize(result: dict) -> dict:
     by = dict(sorted(by.items(), key=lambda item: (_rank(PHASES, item[0][0]),
                                                    _rank(ARMS, item[0][1]))))
     points = [{"phase": phase, "arm": arm, "rounds": len(rounds),
-               **{k: _median(f[k] for f in rounds.values())
+               **{k: median_or_none(f[k] for f in rounds.values())
                   for k in ("ttft_ms_p50", "ttft_ms_p99", "output_tok_s", "prompt_tokens_mean",
                             "prefix_hit_rate")},
                "failed": sum(f["failed"] for f in rounds.values()),
@@ -80,7 +77,7 @@ def summarize(result: dict) -> dict:
             first, second = by.get((phase, a)), by.get((phase, b))
             if not first or not second:
                 continue
-            value = _median(first[r][key] / second[r][key] for r in first
+            value = median_or_none(first[r][key] / second[r][key] for r in first
                             if r in second and first[r][key] and second[r][key])
             ratios.append({"phase": phase, "ratio": name, "value": value})
             same_server = OURS_OFF in (a, b) and not result.get("prefix_caching_flag")
@@ -103,13 +100,13 @@ def summarize_memory(memory: list[dict]) -> dict:
     by = defaultdict(dict)  # arm -> {round: point}
     for p in memory:
         by[p["arm"]][p["round"]] = p
-    arms = {arm: {k: _median(p[k] for p in rounds.values())
+    arms = {arm: {k: median_or_none(p[k] for p in rounds.values())
                   for k in ("max_running", "median_running_while_waiting", "preemptions")}
             | {"failed": sum(p["failed"] for p in rounds.values()),
                "flags": next(iter(rounds.values()))["flags"]}
             for arm, rounds in by.items()}
     slots, paged = by.get("slots", {}), by.get("token budget", {})
-    ratio = _median(paged[r]["max_running"] / slots[r]["max_running"]
+    ratio = median_or_none(paged[r]["max_running"] / slots[r]["max_running"]
                     for r in paged if r in slots and slots[r]["max_running"])
     gib = next((p["kv_cache_gib"] for p in memory), None)
     return {"arms": arms, "ratio": ratio, "kv_cache_gib": gib} if memory else {}

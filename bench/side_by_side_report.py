@@ -21,7 +21,8 @@ CEILING_TARGET = ("transformer-64m", 0.8)  # bf16 at 1 stream / the linear-only 
 SAMPLED_TARGET = ("fanformer-92m", 64, 0.9)  # model, streams, least sampled / greedy (ours)
 
 
-def _median(xs):
+def median_or_none(xs):
+    """The median of the measured values (None where a point failed), 3 decimals."""
     xs = [x for x in xs if x is not None]
     return round(statistics.median(xs), 3) if xs else None
 
@@ -36,11 +37,11 @@ def summarize(result: dict) -> dict:
     for (model, variant, mode, streams, server), rounds in by.items():
         points.append({"model": model, "variant": variant, "mode": mode, "streams": streams,
                        "server": server, "rounds": len(rounds),
-                       **{k: _median(p[k] for p in rounds.values())
+                       **{k: median_or_none(p[k] for p in rounds.values())
                           for k in ("output_tok_s", "ttft_ms_p50", "tpot_ms_p50")}})
 
     def per_round(a, b):  # median over rounds of a / b, rounds where both were measured
-        return _median(a[r]["output_tok_s"] / b[r]["output_tok_s"]
+        return median_or_none(a[r]["output_tok_s"] / b[r]["output_tok_s"]
                        for r in a if r in b and b[r]["output_tok_s"])
 
     ratios, targets = [], []
@@ -63,12 +64,12 @@ def summarize(result: dict) -> dict:
     ceilings = {}
     for model in dict.fromkeys(c["model"] for c in result["ceilings"]):
         mine = {c["round"]: c for c in result["ceilings"] if c["model"] == model}
-        entry = {"tok_s": _median(c["tok_s"] for c in mine.values()),
+        entry = {"tok_s": median_or_none(c["tok_s"] for c in mine.values()),
                  "threads": next(iter(mine.values()))["threads"]}
         for mode in ("greedy", "sampled"):
             ours = by.get((model, "bf16", mode, 1, OURS))
             if ours:
-                entry[mode] = _median(
+                entry[mode] = median_or_none(
                     ours[r]["output_tok_s"] / mine[r]["tok_s"] for r in ours if r in mine)
                 if model == CEILING_TARGET[0]:
                     targets.append(_target(_ceiling_name(model, mode), entry[mode],
