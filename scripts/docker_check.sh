@@ -6,7 +6,7 @@
 # The defaults fit a machine that reaches only PyPI and Debian's mirror (docs/SERVING.md
 # "Docker (CPU)"); where Docker Hub and PyPI work directly, use
 #   BASE_IMAGE=python:3.11-slim TORCH_WHEELS= PODMAN_CONF= scripts/docker_check.sh
-# Everything it writes lies under $WORK; at the end it removes the containers it started
+# Everything it writes lies in three folders of its own under $WORK (.docker_check-*); at the end it removes the containers it started
 # (not the images).
 set -euo pipefail
 
@@ -21,20 +21,21 @@ WORK=${WORK:-/tmp/fanformer-docker}
 DEMO=$ROOT/fanformer/assets/demo
 ROOTFS=$WORK/.docker_check-rootfs  # the two folders it deletes and rebuilds: names only
 CTX=$WORK/.docker_check-ctx        # this script creates, so never a folder of the user's
+OUT=$WORK/.docker_check-out       # its logs, streams and build config: also a name of its own
 URL=http://127.0.0.1:$PORT
-mkdir -p "$WORK/build-pip"
+mkdir -p "$OUT/build-pip"
 say() { printf '\n== %s\n' "$*"; }
 
 if [[ $PODMAN_CONF == sandbox ]]; then
     # crun cannot run under this sandbox's hybrid cgroups, and podman's default ulimits
     # exceed what a process without CAP_SYS_RESOURCE may set.
-    cat > "$WORK/containers.conf" <<'EOF'
+    cat > "$OUT/containers.conf" <<'EOF'
 [containers]
 default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]
 [engine]
 runtime = "runc"
 EOF
-    export CONTAINERS_CONF=$WORK/containers.conf
+    export CONTAINERS_CONF=$OUT/containers.conf
 fi
 
 if ! podman image exists "$BASE_IMAGE"; then
@@ -50,18 +51,18 @@ fi
 # (PyPI's torch for Linux is the CUDA build with ~3 GB of nvidia-* wheels).
 build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
 mounts=()
-: > "$WORK/build-pip/pip.conf"
-echo "[global]" >> "$WORK/build-pip/pip.conf"
+: > "$OUT/build-pip/pip.conf"
+echo "[global]" >> "$OUT/build-pip/pip.conf"
 if [[ -n $CA_BUNDLE ]]; then
-    cp "$CA_BUNDLE" "$WORK/build-pip/ca.crt"
-    echo "cert = /tmp/build-pip/ca.crt" >> "$WORK/build-pip/pip.conf"
+    cp "$CA_BUNDLE" "$OUT/build-pip/ca.crt"
+    echo "cert = /tmp/build-pip/ca.crt" >> "$OUT/build-pip/pip.conf"
 fi
 if [[ -n $TORCH_WHEELS ]]; then
-    echo "find-links = /tmp/build-wheels" >> "$WORK/build-pip/pip.conf"
+    echo "find-links = /tmp/build-wheels" >> "$OUT/build-pip/pip.conf"
     mounts+=(-v "$TORCH_WHEELS:/tmp/build-wheels:ro")
     build_args+=(--build-arg TORCH_INDEX_URL=https://pypi.org/simple)
 fi
-mounts+=(-v "$WORK/build-pip:/tmp/build-pip:ro")
+mounts+=(-v "$OUT/build-pip:/tmp/build-pip:ro")
 build_args+=(--build-arg PIP_CONFIG_FILE=/tmp/build-pip/pip.conf)
 
 build() {  # --format docker keeps HEALTHCHECK and STOPSIGNAL (OCI has no HEALTHCHECK)
@@ -69,16 +70,16 @@ build() {  # --format docker keeps HEALTHCHECK and STOPSIGNAL (OCI has no HEALTH
         -t "$1" "$ROOT"
 }
 say "build"
-start=$(date +%s); build "$IMAGE" 2>&1 | tee "$WORK/build1.log" | grep -E '^(STEP|torch )'
+start=$(date +%s); build "$IMAGE" 2>&1 | tee "$OUT/build1.log" | grep -E '^(STEP|torch )'
 echo "build: $(( $(date +%s) - start )) s"
 
 say "rebuild after a source-only change (a comment added to a copy of server/__init__.py)"
 rm -rf "$CTX" && mkdir "$CTX"
 cp -r "$ROOT"/{pyproject.toml,README.md,.dockerignore,Dockerfile,fanformer,quant,server} "$CTX/"
 echo "# source-only change" >> "$CTX/server/__init__.py"
-start=$(date +%s); ROOT=$CTX build "$IMAGE-srcchange" > "$WORK/build2.log" 2>&1
+start=$(date +%s); ROOT=$CTX build "$IMAGE-srcchange" > "$OUT/build2.log" 2>&1
 echo "rebuild: $(( $(date +%s) - start )) s"
-grep -E '^STEP|Using cache' "$WORK/build2.log" | sed -n '1,20p'
+grep -E '^STEP|Using cache' "$OUT/build2.log" | sed -n '1,20p'
 podman rmi "$IMAGE-srcchange" > /dev/null
 
 say "image size"
@@ -102,12 +103,12 @@ run_ctr() {  # name, then the command; podman times HEALTHCHECKs with systemd, w
     podman run -d --name "$name" --network=host --no-healthcheck "$@" > /dev/null
     ctrs+=("$name")
 }
-start_streams() {  # 16 streamed completions of 500 tokens in the background, to $WORK/$1.N.sse
+start_streams() {  # 16 streamed completions of 500 tokens in the background, to $OUT/$1.N.sse
     local i
     for i in $(seq 16); do
         curl -sN --max-time 120 "$URL/v1/completions" -H 'Content-Type: application/json' \
             -d '{"prompt": "Once", "max_tokens": 500, "ignore_eos": true, "stream": true}' \
-            > "$WORK/$1.$i.sse" &
+            > "$OUT/$1.$i.sse" &
     done
 }
 
@@ -122,13 +123,13 @@ curl -s "$URL/v1/completions" -H 'Content-Type: application/json' \
     -d '{"prompt": "Alice was", "max_tokens": 16, "temperature": 0}'; echo
 curl -sN "$URL/v1/chat/completions" -H 'Content-Type: application/json' \
     -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "stream": true}' \
-    | tee "$WORK/chat.sse" | tail -3
-echo "chat stream: $(grep -c '^data: {' "$WORK/chat.sse") chunks"
+    | tee "$OUT/chat.sse" | tail -3
+echo "chat stream: $(grep -c '^data: {' "$OUT/chat.sse") chunks"
 
 say "SIGTERM drain: 16 streams of 500 tokens, 4 at a time, then podman stop -t 40"
 start_streams drain
 sleep 2
-echo "tokens streamed before the stop: $(cat "$WORK"/drain.*.sse | grep -c '^data: {' || true)/8000"
+echo "tokens streamed before the stop: $(cat "$OUT"/drain.*.sse | grep -c '^data: {' || true)/8000"
 start=$(date +%s)
 podman stop -t 40 ff-demo > /dev/null &
 stopper=$!
@@ -139,8 +140,8 @@ echo "during the drain: /health -> $(curl -s -o /dev/null -w '%{http_code}' "$UR
 wait "$stopper"; echo "podman stop took $(( $(date +%s) - start )) s"
 wait  # the streams
 echo "exit code: $(podman inspect -f '{{.State.ExitCode}}' ff-demo)"
-done_n=$(cat "$WORK"/drain.*.sse | grep -c '^data: \[DONE\]' || true)
-length_n=$(cat "$WORK"/drain.*.sse | grep -c '"finish_reason": *"length"' || true)
+done_n=$(cat "$OUT"/drain.*.sse | grep -c '^data: \[DONE\]' || true)
+length_n=$(cat "$OUT"/drain.*.sse | grep -c '"finish_reason": *"length"' || true)
 echo "streams ended with [DONE]: $done_n/16; finished with length (500 tokens): $length_n/16"
 podman logs ff-demo 2>&1 | tail -4
 
@@ -155,10 +156,10 @@ podman stop -t 40 ff-abort > /dev/null
 echo "podman stop took $(( $(date +%s) - start )) s"
 wait
 echo "exit code: $(podman inspect -f '{{.State.ExitCode}}' ff-abort)"
-echo "streams ended with [DONE]: $(cat "$WORK"/abort.*.sse | grep -c '^data: \[DONE\]' || true)/16;" \
-    "500 tokens: $(cat "$WORK"/abort.*.sse | grep -c '"finish_reason": *"length"' || true)/16;" \
-    "error events 'aborted': $(cat "$WORK"/abort.*.sse | grep -c '"aborted"' || true)/16"
-grep -h '"aborted"' "$WORK"/abort.*.sse | head -1
+echo "streams ended with [DONE]: $(cat "$OUT"/abort.*.sse | grep -c '^data: \[DONE\]' || true)/16;" \
+    "500 tokens: $(cat "$OUT"/abort.*.sse | grep -c '"finish_reason": *"length"' || true)/16;" \
+    "error events 'aborted': $(cat "$OUT"/abort.*.sse | grep -c '"aborted"' || true)/16"
+grep -h '"aborted"' "$OUT"/abort.*.sse | head -1
 
 say "checkpoint mounted as a volume: $DEMO -> /ckpt"
 run_ctr ff-volume -v "$DEMO:/ckpt:ro" "$IMAGE" fanformer-serve /ckpt --host 127.0.0.1 --port "$PORT"
