@@ -10,7 +10,8 @@ with the anchor's documented flags), 64-token prompts sent as token ids, 64 new 
 ignored, streaming, greedy and sampled (temperature 0.8, top_p 0.95), 1 / 16 / 64 streams;
 bf16 against f16 and our rtn 4-bit g128 (int8 LM head) against q4_0, all on the 63.6M
 Llama shape (`transformer-64m`, random weights); plus, per round, the linear-only ceiling:
-the time of just one decode step's nn.Linear matmuls at batch 1 in bf16, in this process, on
+the time of just one decode step's nn.Linear matmuls at batch 1 in bf16 (through the engine's
+one-row kernel, server/single_row.py), in this process, on
 the same checkpoint and on the thread count the engine uses for a 1-token step.
 
 Each round and pair starts both servers fresh, warms both at the largest stream count, then
@@ -289,8 +290,10 @@ def run_load(url: str, streams: int, requests: int, mode: str, max_tokens: int, 
 # ---- the linear-only ceiling ----
 def linear_ceiling(checkpoint: Path, steps: int = 32, repeats: int = 5) -> dict:
     """Tokens/s if a batch-1 decode step were nothing but its nn.Linear matmuls (bf16,
-    weights streamed from memory as in a real step), on the engine's thread count there."""
+    weights streamed from memory as in a real step, through the engine's one-row kernel,
+    server/single_row.py), on the engine's thread count there."""
     from server import engine
+    from server.single_row import use_mv_for_single_rows
 
     single = getattr(engine, "SINGLE_THREAD_MAX_TOKENS", None)
     if single is None:  # the engine moved it: say so rather than guess
@@ -299,6 +302,7 @@ def linear_ceiling(checkpoint: Path, steps: int = 32, repeats: int = 5) -> dict:
     default_threads = torch.get_num_threads()
     threads = 1 if 1 <= single else default_threads
     model, _ = load_checkpoint(checkpoint, dtype=torch.bfloat16)
+    use_mv_for_single_rows(model)  # the one-row kernel the engine runs them with
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(1, m.in_features, dtype=torch.bfloat16) for m in linears]  # (1, d_in)
     torch.set_num_threads(threads)

@@ -36,6 +36,7 @@ from server.outputs import (  # noqa: F401 - the engine's errors, importable fro
 from server.request import Request
 from server.sampling import SamplingParams, sample, top_logprobs
 from server.scheduler import Scheduler, SchedulerPlan
+from server.single_row import use_mv_for_single_rows
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class LLMEngine:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if hasattr(self.model, "reset_buffers"):
             self.model.reset_buffers(self.device)  # the RoPE table stays fp32
+        use_mv_for_single_rows(self.model)  # a lone decoding stream's GEMVs (bf16, CPU)
         bs = config.block_size
         num_blocks = config.max_num_seqs * -(-self.max_model_len // bs)
         if config.kv_cache_gib is not None:
@@ -138,7 +140,7 @@ class LLMEngine:
                 module.batch_invariant = config.batch_invariant
         head = self.model.lm_head
         # a quantized head (a drop-in module, not an nn.Linear) keeps its own kernel
-        self.head_fp32 = head.weight.float() if fp32_logits and type(head) is nn.Linear \
+        self.head_fp32 = head.weight.float() if fp32_logits and isinstance(head, nn.Linear) \
             else None  # (padded vocab, d)
 
     # ---- requests ----

@@ -1,0 +1,44 @@
+"""One-row bf16 linears on CPU through `torch.mv`: the GEMV a lone decoding stream runs.
+
+When a step holds one token (one stream, decoding), every linear of the model multiplies
+a single row. For bf16 on CPU, `F.linear` sends that row through oneDNN's GEMM, which read
+the weights at about 14-15 GB/s on this project's 2-core machine, where `torch.mv` on the
+same weights reached 24-40 GB/s (768x3072: 336 vs 197 us; the 32000-row LM head: 2054 vs
+1208 us; `/work` microbenchmark, 2026-11-30). An engine decode step of transformer-64m at
+batch 1 took 14.1 / 15.0 / 13.6 ms with it against 23.1 / 16.1 / 16.5 ms without
+(alternating rounds, same process). For fp32 the two are even and for fp16 `torch.mv` is
+2-3x slower, so only bf16 takes this path; layers with a bias keep `F.linear` (a fused bias
+add may round differently).
+
+`torch.mv` gives the same bits as the row computed inside a batch (fp32 accumulation, one
+rounding), which keeps a request's tokens independent of its neighbours;
+tests/test_single_row.py checks that on the shapes the presets use, so a torch upgrade that
+breaks it fails there, not silently in a user's batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SingleRowLinear(nn.Linear):
+    """An `nn.Linear` (same parameters, same state dict) whose one-row inputs use `torch.mv`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and x.dtype == self.weight.dtype:  # one row
+            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_mv_for_single_rows(model: nn.Module) -> int:
+    """Turn the model's bias-free bf16 CPU `nn.Linear`s into `SingleRowLinear`s in place;
+    returns how many. Other modules (quantized layers, layers with a bias) are left alone."""
+    count = 0
+    for module in model.modules():
+        if (type(module) is nn.Linear and module.bias is None
+                and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu"):
+            module.__class__ = SingleRowLinear
+            count += 1
+    return count

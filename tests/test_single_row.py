@@ -1,0 +1,78 @@
+"""server/single_row.py: a one-row bf16 linear through torch.mv gives the bits that row gets
+inside a batch, and the engine's conversion leaves everything else as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.engine import EngineConfig, LLMEngine
+from server.sampling import SamplingParams
+from server.single_row import SingleRowLinear, use_mv_for_single_rows
+from tests.conftest import make_model
+
+# (in, out) of the presets' bias-free linears: tiny / CoLA factors, transformer-64m, 92m, heads
+SHAPES = [(256, 64), (64, 768), (256, 8192), (512, 1024), (512, 2048), (2048, 512),
+          (768, 3072), (3072, 768), (512, 32000)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_row_equals_the_row_in_a_batch(shape, threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        k, n = shape
+        torch.manual_seed(k + n)
+        layer = nn.Linear(k, n, bias=False).to(torch.bfloat16)
+        batch = torch.randn(9, k, dtype=torch.bfloat16)  # (9, K)
+        expected = F.linear(batch, layer.weight)  # (9, N)
+        use_mv_for_single_rows(layer)
+        assert type(layer) is SingleRowLinear
+        for row in (0, 4, 8):
+            alone = layer(batch[row: row + 1][None])  # (1, 1, K) -> (1, 1, N): the engine's shape
+            assert alone.shape == (1, 1, n)
+            assert torch.equal(alone[0, 0], expected[row])
+        assert torch.equal(layer(batch), expected)  # more rows: F.linear as before
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_only_bias_free_bf16_cpu_linears_change_and_the_state_dict_does_not():
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=True),
+                          nn.Linear(8, 8, bias=False).double())
+    model[0].to(torch.bfloat16)
+    model[1].to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert use_mv_for_single_rows(model) == 1
+    assert [type(m) for m in model] == [SingleRowLinear, nn.Linear, nn.Linear]
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert use_mv_for_single_rows(model) == 0  # idempotent
+
+
+def test_engine_tokens_do_not_change_with_the_gemv_path(tokenizer):
+    """Greedy tokens of one stream with the engine's converted model == with F.linear."""
+    prompt = [5, 17, 3, 99, 42, 7]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    tokens = {}
+    for name in ("mv", "linear"):
+        model = make_model()
+        engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, dtype="bfloat16"))
+        if name == "linear":  # undo the conversion: the plain nn.Linear path
+            for module in engine.model.modules():
+                if type(module) is SingleRowLinear:
+                    module.__class__ = nn.Linear
+        else:
+            assert any(type(m) is SingleRowLinear for m in engine.model.modules())
+        engine.add_request("r", prompt, params)
+        out = []
+        while engine.has_unfinished():
+            for o in engine.step():
+                out.extend(o.token_ids)
+        tokens[name] = out
+    assert len(tokens["mv"]) == 12
+    assert tokens["mv"] == tokens["linear"]
