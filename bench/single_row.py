@@ -1,10 +1,11 @@
-"""One decode step's linears at batch 1: bf16 `F.linear` against `torch.mv` (server/single_row.py).
+"""Batch 1 with bf16 `F.linear` against `torch.mv` for one-row inputs (server/single_row.py).
 
-    python bench/single_row.py --presets transformer-64m fanformer-92m tiny --rounds 4
+    python bench/single_row.py --presets transformer-64m fanformer-92m tiny --rounds 3
 
-For each preset (random weights, bf16), every `nn.Linear` of the model runs once on a
-one-row input, as in a batch-1 decode step; the step's time is the median of --repeats
-blocks of --steps steps. The two kernels alternate --rounds times in one process, so their
+For each preset (random weights, bf16) and each kernel, two figures at batch 1: the
+model's linears alone on a one-row input (`step_profile.linear_only_ms`, what
+bench/side_by_side.py calls the ceiling) and a whole greedy engine decode step
+(`step_profile.profile`). The kernels alternate --rounds times in one process, so their
 ratio, not the milliseconds, is the result. Run it on an idle machine; the load average is
 printed.
 """
@@ -13,53 +14,50 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 from bench_engine import build_model  # bench/ is on sys.path when run as a script
+from step_profile import linear_only_ms, profile
 from torch import nn
 
-from server.single_row import SingleRowLinear
+import server.engine as engine_module
+from server.single_row import SingleRowLinear, use_mv_for_single_rows
 
 
-def step_ms(linears: list[nn.Linear], inputs: list[torch.Tensor], kernel: type,
-            steps: int, repeats: int) -> float:
-    for m in linears:
-        if m.bias is None:  # what use_mv_for_single_rows converts
-            m.__class__ = kernel
-    with torch.inference_mode():
-        for _ in range(4):
-            for m, x in zip(linears, inputs):
-                m(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(steps):
-                for m, x in zip(linears, inputs):
-                    m(x)  # (1, 1, d_out)
-            times.append((time.perf_counter() - start) / steps)
-    return sorted(times)[len(times) // 2] * 1e3
+def set_kernel(model: nn.Module, mv: bool) -> None:
+    """mv: the engine's conversion (as it runs it); else plain nn.Linear, and the engines
+    that `profile` builds are kept from converting the model back."""
+    for m in model.modules():
+        if type(m) is SingleRowLinear:
+            m.__class__ = nn.Linear
+    engine_module.use_mv_for_single_rows = use_mv_for_single_rows if mv else (lambda _: 0)
+    if mv:
+        use_mv_for_single_rows(model)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=["transformer-64m", "fanformer-92m", "tiny"])
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=24, help="decode steps timed per figure")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}")
+    print("| preset | round | linears F.linear ms | linears torch.mv ms | ratio "
+          "| step F.linear ms | step torch.mv ms | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for preset in args.presets:
         model = build_model(preset, torch.bfloat16)
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        inputs = [torch.randn(1, 1, m.in_features, dtype=torch.bfloat16) for m in linears]
-        print(f"{preset}: {len(linears)} linears")
         for r in range(args.rounds):
-            a = step_ms(linears, inputs, nn.Linear, args.steps, args.repeats)
-            b = step_ms(linears, inputs, SingleRowLinear, args.steps, args.repeats)
-            print(f"  round {r}: F.linear {a:.2f} ms, torch.mv {b:.2f} ms, "
-                  f"F.linear / torch.mv {a / b:.2f}", flush=True)
+            linears, steps = {}, {}
+            for mv in (False, True):
+                set_kernel(model, mv)
+                linears[mv] = linear_only_ms(model, 1, torch.bfloat16)
+                steps[mv] = profile(model, 1, "greedy", args.steps)["step_ms"]
+            print(f"| {preset} | {r} | {linears[False]:.2f} | {linears[True]:.2f} "
+                  f"| {linears[False] / linears[True]:.2f} | {steps[False]:.1f} "
+                  f"| {steps[True]:.1f} | {steps[False] / steps[True]:.2f} |", flush=True)
+    set_kernel(model, True)
 
 
 if __name__ == "__main__":

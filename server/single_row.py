@@ -1,14 +1,12 @@
 """One-row bf16 linears on CPU through `torch.mv`: the GEMV a lone decoding stream runs.
 
 When a step holds one token (one stream, decoding), every linear of the model multiplies
-a single row. For bf16 on CPU, `F.linear` sends that row through oneDNN's GEMM, which read
-the weights at about 14-15 GB/s on this project's 2-core machine, where `torch.mv` on the
-same weights reached 24-40 GB/s (768x3072: 336 vs 197 us; the 32000-row LM head: 2054 vs
-1208 us; `/work` microbenchmark, 2026-11-30). An engine decode step of transformer-64m at
-batch 1 took 14.1 / 15.0 / 13.6 ms with it against 23.1 / 16.1 / 16.5 ms without
-(alternating rounds, same process). For fp32 the two are even and for fp16 `torch.mv` is
-2-3x slower, so only bf16 takes this path; layers with a bias keep `F.linear` (a fused bias
-add may round differently).
+a single row. For bf16 on CPU, `F.linear` sends that row through oneDNN's GEMM; `torch.mv`
+is a GEMV on the same weights. `python bench/single_row.py` compares the two at batch 1
+(docs/ENGINE.md, "One-row linears": up to 1.36x on transformer-64m's linears, about 1.1x
+on fanformer-92m's, 0.9x on the 256-wide `tiny`). Only bf16 takes this path (fp32 gained
+nothing and fp16 lost in a check by hand); layers with a bias keep `F.linear` (a
+fused bias add may round differently).
 
 `torch.mv` gives the same bits as the row computed inside a batch (fp32 accumulation, one
 rounding), which keeps a request's tokens independent of its neighbours;
