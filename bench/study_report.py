@@ -138,9 +138,10 @@ def summarize(arms: dict[str, dict], lrs: list[float], seeds: list[int],
     out = {"baseline": BASELINE, "lrs": lrs, "seeds": seeds, "targets": targets, "arms": {}}
     for arm, info in arms.items():
         sweep = {lr: finals.get((arm, lr, seeds[0])) for lr in lrs}
+        swept = [lr for lr, v in sweep.items() if v is not None]  # arms may sweep other rates
         row = {**info, "sweep": sweep, "best_lr": best_lr.get(arm),
-               "best_at_edge": arm in best_lr and len(lrs) > 1
-               and best_lr[arm] in (min(lrs), max(lrs))}
+               "best_at_edge": arm in best_lr and len(swept) > 1
+               and best_lr[arm] in (min(swept), max(swept))}
         if arm in by_seed:
             row["final_bits_per_byte"] = {"per_seed": by_seed[arm],
                                           **mean_sd(list(by_seed[arm].values()))}
@@ -292,7 +293,10 @@ def write_report(study_dir: Path, manifest: dict) -> Path:
             curves[key] = eval_curve(study_dir / run["out_dir"])
     arms = {name: {"label": a["label"], "non_embedding_parameters": a["non_embedding_parameters"]}
             for name, a in manifest["arms"].items()}
-    summary = summarize(arms, s["lrs"], s["seeds"], manifest.get("best_lr", {}), finals, curves)
+    # every rate any arm was swept at: a later invocation may sweep the new arms at other rates
+    lrs = sorted(set(s["lrs"]) | {r["lr"] for r in manifest["runs"].values()
+                                  if r["phase"] == "sweep" and r["seed"] == s["seeds"][0]})
+    summary = summarize(arms, lrs, s["seeds"], manifest.get("best_lr", {}), finals, curves)
     summary["tokens_per_run"] = s["steps"] * s["batch_size"] * s["seq_len"]
     summary["finished_runs"] = len(finals)
     write_atomic(study_dir / "report.json", json.dumps(summary, indent=1))

@@ -19,6 +19,7 @@ from study_report import (  # noqa: E402
     eval_curve,
     final_metrics,
     paired_differences,
+    report_markdown,
     summarize,
     tokens_to_reach,
 )
@@ -217,3 +218,19 @@ def test_a_folder_it_did_not_write_is_refused(tmp_path, tokenizer_file, capsys):
     assert study.main(study_argv(tokenizer_file, tmp_path)) == 2
     assert "not written by bench/study.py" in capsys.readouterr().err
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_edge_of_the_sweep_is_judged_on_the_rates_an_arm_ran():
+    """A later arm swept at 2e-3..8e-3 (not 1e-3) with its best at 2e-3 is at its own edge,
+    and one with its best at 4e-3 is inside, whatever rates the other arms ran."""
+    lrs = [1e-3, 2e-3, 4e-3, 8e-3]
+    finals = {("dense", lr, 0): v for lr, v in zip(lrs, [2.04, 1.98, 1.95, 1.96])}
+    finals.update({("cola", lr, 0): v for lr, v in zip(lrs[1:], [1.90, 1.92, 1.95])})
+    finals.update({("gates", lr, 0): v for lr, v in zip(lrs[1:], [1.93, 1.92, 1.95])})
+    arms = {a: {"label": a, "non_embedding_parameters": 1} for a in ("dense", "cola", "gates")}
+    s = summarize(arms, lrs, [0], {"dense": 4e-3, "cola": 2e-3, "gates": 4e-3}, finals, {})
+    assert s["arms"]["cola"]["sweep"][1e-3] is None
+    assert s["arms"]["cola"]["best_at_edge"]
+    assert not s["arms"]["gates"]["best_at_edge"]
+    assert not s["arms"]["dense"]["best_at_edge"]
+    assert "| cola | 1 | - | 1.9000 |" in report_markdown(s)
