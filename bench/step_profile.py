@@ -63,8 +63,10 @@ def linear_only_ms(model, batch: int, dtype: torch.dtype, repeats: int = 20) -> 
 
 
 def profile(model, batch: int, mode: str, steps: int, fp32_logits: bool = False) -> dict:
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # not the engine's auto
     engine = LLMEngine(model, byte_tokenizer(), EngineConfig(max_num_seqs=max(batch, 1),
-                                                             fp32_logits=fp32_logits))
+                                                             fp32_logits=fp32_logits,
+                                                             dtype=dtype))
     params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, seed=0, **MODES[mode])
     for i, p in enumerate(prompts(batch, 64, model.config.vocab_size, 0)):
         engine.add_request(f"r{i}", p, params)
