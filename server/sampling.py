@@ -164,7 +164,7 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor
         every = len(nucleus) == len(params)
         sub = weights if every else weights[rows]  # (P, V)
         w = sub.gather(1, (tokens if every else tokens[rows])[:, None])  # (P, 1) drawn
-        above = torch.where(sub > w, sub, 0.0).sum(-1, keepdim=True)
+        above = _sum_above(sub, w)  # (P, 1): the weight of the tokens likelier than it
         missed = ((w < 1) & (above >= top_p * sub.sum(-1, keepdim=True)))[:, 0]
         if bool(missed.any()):
             redo = rows[missed]
@@ -173,6 +173,17 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor
             inside = kept[redo].masked_fill_(xr < threshold, 0.0)
             tokens[redo], _ = _inverse_cdf(inside, uniforms[redo, 1])
     return tokens, valid
+
+
+def _sum_above(weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """weights (S, V) >= 0 and finite, w (S, 1) -> (S, 1): the sum of the weights > w.
+
+    The same values as `torch.where(weights > w, weights, 0.0).sum(-1)` (and so the same
+    sum, bit for bit), but through arithmetic kernels: on CPU `torch.where` and bool masks
+    run element by element, and this is the sampler's largest pass over the vocabulary.
+    """
+    above = torch.sub(weights, w).sign_().clamp_(min=0.0)  # 1 where weights > w, else 0
+    return above.mul_(weights).sum(-1, keepdim=True)
 
 
 def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor

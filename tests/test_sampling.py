@@ -209,3 +209,19 @@ def test_top_p_keeps_every_tie_and_the_top_token():
     peaked = torch.tensor([[30.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
     assert {sample(peaked, [state(SamplingParams(top_p=5e-324, seed=s))])[0]
             for s in range(20)} == {0}
+
+
+def test_sum_above_is_the_masked_sum_bit_for_bit():
+    """The nucleus check's arithmetic mask sums exactly what torch.where keeps: ties with w
+    excluded (strictly above), zeros (dropped tokens) and the drawn token itself included."""
+    from server.sampling import _sum_above
+
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(8, 5000, generator=g)
+    weights[:, ::7] = 0.0  # dropped tokens
+    weights[:, 1::50] = weights[:, :1]  # ties with the drawn weight below
+    w = weights[:, :1].clone()  # (8, 1)
+    expected = torch.where(weights > w, weights, 0.0).sum(-1, keepdim=True)
+    assert torch.equal(_sum_above(weights, w), expected)
+    assert torch.equal(_sum_above(weights, torch.zeros(8, 1)),
+                       torch.where(weights > 0, weights, 0.0).sum(-1, keepdim=True))
