@@ -89,10 +89,38 @@ def summarize(result: dict) -> dict:
         targets.append({"target": "concurrent short chats, token budget / slots",
                         "value": memory["ratio"], "least": MEMORY_TARGET,
                         "met": memory["ratio"] >= MEMORY_TARGET})
+    waves = summarize_waves(result["points"])
     loads = [x for p in result["points"] + (result.get("memory") or [])
              for x in (p["loadavg_before"][0], p["loadavg_after"][0])]
     return {"points": points, "ratios": ratios, "memory": memory, "targets": targets,
-            "judged": judged, "loadavg_1min": [min(loads), max(loads)] if loads else None}
+            "judged": judged, "waves": waves,
+            "loadavg_1min": [min(loads), max(loads)] if loads else None}
+
+
+def summarize_waves(points: list[dict]) -> list[dict]:
+    """TTFT p50 per wave: a client's n-th chat (single) or n-th turn (multi). Every client
+    starts its first at once, so wave 0 of the single phase is one burst of one chat per
+    client; later waves start when each client's previous one ends. Medians over rounds,
+    and the same-round caching off / on ratio per wave."""
+    by = defaultdict(lambda: defaultdict(dict))  # (phase, wave) -> arm -> {round: p50}
+    for p in points:
+        key = "chat" if p["phase"] == "single" else "turn"
+        waves = defaultdict(list)
+        for r in p["records"]:
+            if not r["error"] and key in r:
+                waves[r[key]].append(r["ttft_s"] * 1e3)
+        for wave, ttft in waves.items():
+            by[p["phase"], wave][p["arm"]][p["round"]] = pct(ttft, 50)
+    out = []
+    for (phase, wave), arms in sorted(by.items(), key=lambda i: (_rank(PHASES, i[0][0]),
+                                                                 i[0][1])):
+        on, off = arms.get(OURS_ON, {}), arms.get(OURS_OFF, {})
+        out.append({"phase": phase, "wave": wave,
+                    "ttft_ms_p50": {arm: median_or_none(rounds.values())
+                                    for arm, rounds in arms.items()},
+                    "off_over_on": median_or_none(off[r] / on[r] for r in on
+                                                  if r in off and on[r])})
+    return out
 
 
 def summarize_memory(memory: list[dict]) -> dict:
@@ -161,6 +189,16 @@ def report_markdown(result: dict) -> str:
         lines.append(f"| {r['phase']} | {r['ratio']} | {_fmt(r['value'], 2)} | "
                      + ("" if t is None else f"≥ {t['least']}: **"
                         f"{'met' if t['met'] else 'missed'}**") + " |")
+    if s.get("waves"):
+        arms = [a for a in ARMS if any(a in w["ttft_ms_p50"] for w in s["waves"])]
+        lines += ["", "TTFT p50 ms by wave (a client's n-th chat in the single phase, its "
+                  "n-th turn in the multi phase; all clients start their first at once):", "",
+                  "| phase | wave | " + " | ".join(arms) + " | caching off / on |",
+                  "|---|---:|" + "---:|" * (len(arms) + 1)]
+        for w in s["waves"]:
+            lines.append(f"| {w['phase']} | {w['wave']} | "
+                         + " | ".join(_fmt(w["ttft_ms_p50"].get(a), 0) for a in arms)
+                         + f" | {_fmt(w['off_over_on'], 2)} |")
     mem = s["memory"]
     if mem:
         lines += ["", f"Memory: the same KV budget, {mem['kv_cache_gib'] * 1024:.4g} MiB "
@@ -182,3 +220,26 @@ def report_markdown(result: dict) -> str:
         lines.append(f"\nNot issue 12's protocol ({proto['clients']} clients, not "
                      f"{ISSUE_CLIENTS}): no target is judged.")
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-read a saved run's JSON and print its report, recomputed by this code."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description="Print the report of a bench/chat_prefix.py run "
+                                "from its JSON (recomputed, so later report code applies).")
+    p.add_argument("json", type=Path)
+    args = p.parse_args(argv)
+    try:
+        result = json.loads(args.json.read_text())
+    except (OSError, ValueError) as e:
+        p.error(f"cannot read {args.json}: {e}")
+    result["summary"] = summarize(result)
+    print(report_markdown(result), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

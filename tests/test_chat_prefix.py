@@ -201,3 +201,29 @@ def test_counters_and_gauges_are_read_from_real_prometheus_text():
     assert cp.counter(m, "vllm:prefix_cache_hits") == 96
     assert m["vllm:num_requests_running"] == 7
     assert cp.counter(m, "vllm:prefix_cache_queries") is None  # absent: reported as such
+
+
+def test_waves_split_ttft_by_chat_and_turn_with_same_round_ratios():
+    """Wave n = each client's n-th chat (single) or turn (multi); per wave the median over
+    rounds of TTFT p50 and of the same-round caching off / on ratio."""
+    def wave_point(rnd, arm, phase, ttfts_by_wave):
+        key = "chat" if phase == "single" else "turn"
+        recs = [{"ttft_s": t / 1e3, "completion_tokens": 8, "prompt_tokens": 40,
+                 "error": None, key: wave} for wave, ts in enumerate(ttfts_by_wave) for t in ts]
+        return {**point(rnd, arm, 0, 8, phase=phase), "records": recs}
+
+    pts = [wave_point(0, OURS_ON, "single", [[100, 100, 300], [50]]),
+           wave_point(0, OURS_OFF, "single", [[800, 800, 900], [100]]),
+           wave_point(1, OURS_ON, "single", [[200, 200], [50]]),
+           wave_point(1, OURS_OFF, "single", [[400, 400], [50]]),
+           wave_point(0, OURS_ON, "multi", [[10], [20]])]
+    res = result(pts)
+    res["summary"] = summarize(res)
+    waves = {(w["phase"], w["wave"]): w for w in res["summary"]["waves"]}
+    assert waves["single", 0]["ttft_ms_p50"][OURS_ON] == 150  # median of 100 and 200
+    assert waves["single", 0]["off_over_on"] == 5.0  # median of 8.0 and 2.0
+    assert waves["single", 1]["off_over_on"] == 1.5  # median of 2.0 and 1.0
+    assert waves["multi", 1]["ttft_ms_p50"] == {OURS_ON: 20} and waves["multi", 1][
+        "off_over_on"] is None
+    md = report_markdown(res)
+    assert "| single | 0 | 150 | 600 | 5.00 |" in md and "| multi | 1 | 20 | – | – |" in md
