@@ -179,8 +179,9 @@ def _sum_above(weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """weights (S, V) >= 0 and finite, w (S, 1) -> (S, 1): the sum of the weights > w.
 
     The same values as `torch.where(weights > w, weights, 0.0).sum(-1)` (and so the same
-    sum, bit for bit), but through arithmetic kernels: on CPU `torch.where` and bool masks
-    run element by element, and this is the sampler's largest pass over the vocabulary.
+    sum, bit for bit), but through arithmetic kernels: on this CPU `torch.where` over a
+    64 x 32k batch took ~10x an elementwise subtraction. (A NaN weight gives NaN here and 0
+    there; such rows are rejected anyway, `_inverse_cdf` marks them invalid.)
     """
     above = torch.sub(weights, w).sign_().clamp_(min=0.0)  # 1 where weights > w, else 0
     return above.mul_(weights).sum(-1, keepdim=True)
