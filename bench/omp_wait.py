@@ -28,6 +28,9 @@ VARIANTS = {  # variant -> (environment set for the server on top of one without
     "libgomp default": ({}, None),
     "PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, None),
     "spin 10k": ({"GOMP_SPINCOUNT": "10000"}, None),
+    "spin 2k": ({"GOMP_SPINCOUNT": "2000"}, None),
+    # libgomp takes an explicit GOMP_SPINCOUNT over PASSIVE's 0; LLVM's libomp reads only PASSIVE
+    "PASSIVE, spin 2k": ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "2000"}, None),
     "PASSIVE, 2 threads always": ({"OMP_WAIT_POLICY": "PASSIVE"}, 0),
     "PASSIVE, 1 thread up to 16": ({"OMP_WAIT_POLICY": "PASSIVE"}, 16),
 }
