@@ -531,10 +531,17 @@ def main(argv: list[str] | None = None) -> int:
         study.save_manifest(manifest)
         failed = run_study(study, settings, configs)
         _log(f"report: {write_report(study.dir, study.manifest)}")
-        left = [rid for rid, r in study.manifest["runs"].items() if r["status"] != "done"]
+        unfinished = [rid for rid, r in study.manifest["runs"].items() if r["status"] != "done"]
+        planned = {r.id for r in plan_runs(args.arms, args.lrs, args.seeds,
+                                           study.manifest.get("best_lr", {}))}
+        left = [rid for rid in unfinished if rid in planned]
+        other = [rid for rid in unfinished if rid not in planned]  # e.g. a rate since dropped
         if left:
             _log(f"{len(left)} run(s) not finished ({', '.join(left)}); rerun the same "
                  "command to continue")
+        if other:
+            _log(f"{len(other)} earlier run(s) outside this command's --arms / --lrs / --seeds "
+                 f"left unfinished: {', '.join(other)}")
         return 1 if failed else 0
     except (StudyError, OutputError, DataError, ValueError) as e:
         print(f"bench/study.py: error: {e}", file=sys.stderr)

@@ -174,7 +174,11 @@ def test_an_interrupted_study_resumes_to_the_uninterrupted_numbers_and_skips_fin
         tmp_path, tokenizer_file, monkeypatch, capsys):
     assert study.main(study_argv(tokenizer_file, tmp_path / "straight")) == 0
     split = tmp_path / "split"
+    capsys.readouterr()
     assert study.main(study_argv(tokenizer_file, split, "--stop_at_step", "3")) == 0
+    out = capsys.readouterr()
+    assert "1 run(s) not finished (dense_lr0.002_s0)" in out.out + out.err
+    assert "outside this command's" not in out.out + out.err
     manifest = json.loads((split / "manifest.json").read_text())
     (run,) = manifest["runs"].values()
     assert run["status"] == "stopped" and "final" not in run
@@ -200,6 +204,15 @@ def test_an_interrupted_study_resumes_to_the_uninterrupted_numbers_and_skips_fin
     capsys.readouterr()
     assert study.main(study_argv(tokenizer_file, split, "--steps", "8")) == 2
     assert "other steps" in capsys.readouterr().err
+    # a run an earlier invocation planned (here lr 4e-3) and this one does not: named apart
+    manifest = json.loads((split / "manifest.json").read_text())
+    manifest["runs"]["dense_lr0.004_s0"] = {**run, "lr": 0.004, "status": "stopped",
+                                            "out_dir": "runs/dense_lr0.004_s0"}
+    (split / "manifest.json").write_text(json.dumps(manifest))
+    assert study.main(study_argv(tokenizer_file, split)) == 0
+    err = capsys.readouterr().err
+    assert "1 earlier run(s) outside this command's --arms / --lrs / --seeds left " \
+           "unfinished: dense_lr0.004_s0" in err and "not finished" not in err
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tokenizer_file, capsys):
