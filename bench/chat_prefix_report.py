@@ -11,8 +11,11 @@ the result dict that bench/chat_prefix.py builds; no servers, no torch.
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 from collections import defaultdict
+from pathlib import Path
 
 from side_by_side_report import median_or_none  # bench/ is on sys.path as a script
 
@@ -224,10 +227,6 @@ def report_markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Re-read a saved run's JSON and print its report, recomputed by this code."""
-    import argparse
-    import json
-    from pathlib import Path
-
     p = argparse.ArgumentParser(description="Print the report of a bench/chat_prefix.py run "
                                 "from its JSON (recomputed, so later report code applies).")
     p.add_argument("json", type=Path)

@@ -4,6 +4,7 @@ the report's maths on hand-written results. No servers run here.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -227,3 +228,19 @@ def test_waves_split_ttft_by_chat_and_turn_with_same_round_ratios():
         "off_over_on"] is None
     md = report_markdown(res)
     assert "| single | 0 | 150 | 600 | 5.00 |" in md and "| multi | 1 | 20 | – | – |" in md
+
+
+def test_a_saved_run_is_re_reported_by_the_current_code(tmp_path, capsys):
+    """`python bench/chat_prefix_report.py RUN.json` recomputes the summary (waves included)
+    from the records, whatever summary the file holds."""
+    import chat_prefix_report
+
+    pts = [point(r, arm, ttft, tok) for r in (0, 1)
+           for arm, ttft, tok in ((OURS_ON, 100, 400), (OURS_OFF, 300, 200))]
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({**result(pts), "summary": {"stale": True}}))
+    assert chat_prefix_report.main([str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "| single | TTFT p50, caching off / on | 3.00 | ≥ 3.0: **met** |" in out
+    with pytest.raises(SystemExit):
+        chat_prefix_report.main([str(tmp_path / "missing.json")])
