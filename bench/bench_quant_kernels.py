@@ -13,18 +13,23 @@ machine only the ratios mean anything, and the load average is printed with them
   w8 weight-only   aten `_weight_int8pack_mm`, bf16 activations
   w4 weight-only   aten `_weight_int4pack_mm_for_cpu`, groups of 64, bf16 activations
   fbgemm per-tensor  `quantized::linear_dynamic` (the old > 4-row path; not batch-invariant)
-  w8a8 per-row     what `quant.layers` runs on big layers: per-row int8 activations, exact
-                   int32 GEMM (`torch._int_mm`), then the row and column scales
+  w8a8 _int_mm     per-row int8 activations, exact int32 GEMM (`torch._int_mm`), then the
+                   row and column scales: what `quant.layers` runs on big layers where
+                   oneDNN's int8 linear is not exact
+  w8a8 oneDNN      the same integers through oneDNN's int8 linear on a prepacked weight
+                   (`quant.layers.w8a8_kernel`): what big layers run where it is exact (same
+                   bits as _int_mm; column shown only there)
   w8a8 fbgemm      the same integers through fbgemm: the codes of each row (scale 1) plus
                    one row holding -128 and 127 pin fbgemm's per-tensor grid to scale 1,
                    zero point 128, so its int32 sums are exact too (same bits as _int_mm)
 
-(oneDNN's `onednn::qlinear_pointwise` with int8 inputs was also tried on 2026-11-29: exact,
-but 0.6-157 ms at 1-4 rows on this build, so it is not a candidate.)
+(A first try of `onednn::qlinear_pointwise` on 2026-11-29 took 0.6-157 ms at 1-4 rows and
+was dropped; with the weight prepacked once and warmed up per row count, as here, it is the
+"w8a8 oneDNN" column.)
 
 It also checks each candidate's batch invariance (row i of an M-row call equals the call
 on row i alone, bitwise) and prints it next to the times. Knows torch, not our layers'
-internals except `quant.layers.w8a8_linear`, the kernel under test.
+internals except `quant.layers`' w8a8 kernels, the ones under test.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from torch.utils import benchmark
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from quant.layers import quantize_rows, w8a8_linear  # noqa: E402
+from quant.layers import onednn_int8_exact, quantize_rows, w8a8_kernel, w8a8_linear  # noqa: E402,E501
 
 # the demo checkpoint's linear shapes (K -> N), then fanformer-92m-like full-rank ones
 DEFAULT_SHAPES = ["256x64", "64x256", "64x768", "768x64", "256x218", "256x8192",
@@ -76,7 +81,9 @@ def candidates(k: int, n: int) -> dict:
     out["fbgemm per-tensor"] = lambda x: torch.ops.quantized.linear_dynamic(
         x.float(), prepacked, True)
     w8t = w8.T.contiguous()  # (K, N)
-    out["w8a8 per-row"] = lambda x: w8a8_linear(x, w8t, w_scale)
+    out["w8a8 _int_mm"] = lambda x: w8a8_linear(x, w8t, w_scale)
+    if onednn_int8_exact():
+        out["w8a8 oneDNN"] = w8a8_kernel(w8, w_scale)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qw1 = torch._make_per_channel_quantized_tensor(

@@ -21,7 +21,9 @@ bitwise the same tokens alone and in a crowd (numbers in docs/QUANTIZATION.md):
   w8a8 (big layers, and formats no weight-only kernel takes): each row quantized to int8
       on its own absmax grid, an integer GEMM with per-channel int8 weights (4-bit and
       nf4 weights requantized once), then the row and channel scales. Integer sums are
-      exact, so a row's result cannot depend on the others by construction.
+      exact, so a row's result cannot depend on the others by construction. The GEMM is
+      oneDNN's int8 linear on a weight prepacked at load where it gives exact sums here
+      (AMX/VNNI; checked once), else `torch._int_mm`: the same bits either way.
   other devices (CUDA): the readable reference, dequantized once into x's dtype and
       cached, then `F.linear`; `dequantize()` is also what the tests compare against.
 
@@ -73,10 +75,60 @@ def w8a8_linear(x: torch.Tensor, w8t: torch.Tensor, w_scale: torch.Tensor,
     """x (M, K) times int8 weights w8t (K, N) with per-channel scales (N,): fp32 (M, N).
 
     `torch._int_mm` accumulates in int32, exactly, so the result of a row is the same
-    whatever GEMM blocking the row count selects; the scaling is elementwise.
+    whatever GEMM blocking the row count selects; the scaling is elementwise. The portable
+    path, and the reference `w8a8_kernel`'s oneDNN path must equal bit for bit.
     """
     q, sx = quantize_rows(x, qmax)
     return torch._int_mm(q, w8t).float().mul_(sx).mul_(w_scale)
+
+
+def _onednn_int8_sums(w8: torch.Tensor):
+    """w8 (N, K) int8 -> a callable q (M, K) int8 -> (M, N) fp32 holding the exact int32
+    sums q @ w8.T, through oneDNN's int8 linear on a weight prepacked once for this CPU
+    (AMX or VNNI tiles). Scales of 1 and zero points of 0, so oneDNN only converts the sums
+    to fp32, as `.float()` does; the real scales are applied after, in `w8a8_linear`'s order."""
+    packed = torch.ops.onednn.qlinear_prepack(w8, None)
+    ones = torch.ones(w8.shape[0], dtype=torch.float32, device=w8.device)
+    zeros = torch.zeros(w8.shape[0], dtype=torch.long, device=w8.device)
+
+    def sums(q: torch.Tensor) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, ones, zeros, None, 1.0, 0,
+                                                  torch.float32, "none", [], "")
+    return sums
+
+
+@functools.cache
+def onednn_int8_exact() -> bool:
+    """Whether oneDNN's int8 linear runs here and gives `torch._int_mm`'s sums bit for bit
+    (checked once on random codes at full range, several row counts). Where it does, it is
+    2-4x faster than `_int_mm` at 16-64 rows on this repo's shapes (docs/QUANTIZATION.md)."""
+    if not (hasattr(torch.ops.onednn, "qlinear_prepack") and torch.backends.mkldnn.is_available()):
+        return False
+    g = torch.Generator().manual_seed(0)
+    w8 = torch.randint(-127, 128, (48, 256), generator=g, dtype=torch.int8, device="cpu")
+    q = torch.randint(-activation_qmax(), activation_qmax() + 1, (17, 256), generator=g,
+                      dtype=torch.int8, device="cpu")
+    try:
+        sums = _onednn_int8_sums(w8)
+        return all(torch.equal(sums(q[:m]), torch._int_mm(q[:m], w8.T.contiguous()).float())
+                   for m in (1, 5, 17))
+    except RuntimeError:  # a torch built without oneDNN's int8 ops, or a CPU it rejects
+        return False
+
+
+def w8a8_kernel(w8: torch.Tensor, w_scale: torch.Tensor, qmax: int = 127):
+    """A callable x (M, K) -> fp32 (M, N) computing `w8a8_linear` with the int8 weights w8
+    (N, K) and per-channel scales w_scale (N,), on the fastest exact GEMM this CPU has."""
+    w_scale = w_scale.float()
+    if w8.device.type == "cpu" and onednn_int8_exact():
+        sums = _onednn_int8_sums(w8.contiguous())
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            q, sx = quantize_rows(x, qmax)
+            return sums(q).mul_(sx).mul_(w_scale)
+        return run
+    w8t = w8.T.contiguous()  # (K, N)
+    return lambda x: w8a8_linear(x, w8t, w_scale, qmax)
 
 
 def per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,8 +193,7 @@ class QuantLinear(nn.Module):
                 self._kernels[name] = self._weight_only_kernel()
             elif name == "w8a8":
                 w8, scale = self._int8_weight()
-                w8t, scale, qmax = w8.T.contiguous(), scale.float(), activation_qmax()
-                self._kernels[name] = lambda x: w8a8_linear(x, w8t, scale, qmax)
+                self._kernels[name] = w8a8_kernel(w8, scale, activation_qmax())
             else:  # (device, dtype): the reference weight, dequantized once
                 self._kernels[name] = self.stored_weight().to(name[1])
         return self._kernels[name]

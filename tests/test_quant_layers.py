@@ -328,3 +328,23 @@ def test_an_independent_awq_reader_sees_our_weights():
     layer = awq_layer(q, None, 64)
     tensors = {k: getattr(layer, k) for k in ("qweight", "qzeros", "scales")}
     assert torch.equal(_awq_reader(tensors, 64), layer.dequantize())
+
+
+@pytest.mark.parametrize("k,n", [(256, 48), (96, 50), (512, 640)])
+def test_w8a8_kernel_gives_the_int_mm_bits_on_every_path(k, n, monkeypatch):
+    """The w8a8 GEMM a layer runs (oneDNN's prepacked int8 linear where it is exact here,
+    `torch._int_mm` elsewhere) gives `w8a8_linear`'s bits at every row count, in bf16 and
+    fp32, on odd widths, with an outlier row; and the `_int_mm` fallback runs too."""
+    g = torch.Generator().manual_seed(k + n)
+    w8, scale = qlayers.per_channel_int8(torch.randn(n, k, generator=g))
+    x = torch.randn(70, k, generator=g) * 3
+    x[4] *= 1000
+    expected = {dt: qlayers.w8a8_linear(x.to(dt), w8.T.contiguous(), scale)
+                for dt in (torch.float32, torch.bfloat16)}
+    fast = qlayers.w8a8_kernel(w8, scale)
+    monkeypatch.setattr(qlayers, "onednn_int8_exact", lambda: False)
+    portable = qlayers.w8a8_kernel(w8, scale)
+    for kernel in (fast, portable):
+        for dtype, want in expected.items():
+            for rows in (1, 3, 16, 70):
+                assert torch.equal(kernel(x[:rows].to(dtype)), want[:rows]), (dtype, rows)
