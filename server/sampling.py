@@ -77,10 +77,13 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | Exceptio
 
 def _sample_rows(logits: torch.Tensor, requests: list[Request],
                  uniforms: list[torch.Tensor]) -> list[int]:
-    x = logits.float()
-    if x is logits:
-        x = x.clone()  # (B, V) fp32, edited in place below
-    _edit_logits(x, requests)
+    if any(r.params.edits_logits or (r.below_min_tokens and r.stop_ids) for r in requests):
+        x = logits.float()
+        if x is logits:
+            x = x.clone()  # (B, V) fp32, edited in place below
+        _edit_logits(x, requests)
+    else:  # nothing to edit: `_draw`'s temperature division makes the fp32 copy
+        x = logits
     device = x.device
     greedy = [i for i, r in enumerate(requests) if r.params.greedy]
     sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
@@ -142,7 +145,8 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor
     passes over the logits instead of ordering any of them.
     """
     vocab, device = x.shape[1], x.device
-    x.div_(_column([p.temperature for p in params], device))  # x is the sampler's own copy
+    # a new fp32 tensor (bf16 logits are widened exactly first), the sampler's own to edit
+    x = torch.div(x, _column([p.temperature for p in params], device))
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if any(top_k):
         values = torch.topk(x, max(top_k), dim=-1).values  # (S, k_max), best first
@@ -183,7 +187,7 @@ def _sum_above(weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     64 x 32k batch took ~10x an elementwise subtraction. (A NaN weight gives NaN here and 0
     there; such rows are rejected anyway, `_inverse_cdf` marks them invalid.)
     """
-    above = torch.sub(weights, w).sign_().clamp_(min=0.0)  # 1 where weights > w, else 0
+    above = torch.sub(weights, w).gt_(0.0)  # 1.0 where weights > w, else 0.0
     return above.mul_(weights).sum(-1, keepdim=True)
 
 

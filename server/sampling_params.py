@@ -104,6 +104,11 @@ class SamplingParams:
                 or self.frequency_penalty != 0.0)
 
     @property
+    def edits_logits(self) -> bool:
+        """Whether the sampler edits this row's logits before the filters (bias, penalties)."""
+        return self.needs_history or bool(self.logit_bias)
+
+    @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that edits the logits: the vectorized argmax fast path."""
-        return self.greedy and not self.needs_history and not self.logit_bias
+        return self.greedy and not self.edits_logits

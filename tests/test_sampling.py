@@ -141,22 +141,32 @@ MIXED = [dict(temperature=0.8, top_p=0.95), dict(temperature=1.0, top_k=50),
          dict(temperature=2.0, top_p=0.3, min_p=0.2, repetition_penalty=1.3)]
 
 
+# sampled rows with nothing that edits the logits: the sampler's path without a copy
+PLAIN = [kw for kw in MIXED if kw.get("temperature", 1.0) > 0 and set(kw) <= {
+    "temperature", "top_p", "top_k", "min_p"}]
+
+
+@pytest.mark.parametrize("batch", ["mixed", "plain"])
 @pytest.mark.parametrize("scale,bf16", [(0.3, False), (3.0, False), (1.0, True)])
-def test_a_mixed_batch_draws_what_the_reference_draws_row_by_row(scale, bf16):
+def test_a_batch_draws_what_the_reference_draws_row_by_row(scale, bf16, batch):
     """Every row of one batched pass equals `sample_next` under the same seed, step after
-    step, with each row's own filters; bf16-rounded logits (many exact ties) included."""
+    step, with each row's own filters; bf16 logits (many exact ties; the engine's CPU
+    dtype) included, and batches whose rows edit nothing (no copy before the filters)."""
     vocab = 4096
+    kinds = MIXED if batch == "mixed" else PLAIN
     gen = torch.Generator().manual_seed(7)
-    rows = [state(SamplingParams(seed=i, **kw), prompt_ids=[7, 9]) for i, kw in enumerate(MIXED)]
-    refs = [torch.Generator().manual_seed(i) for i in range(len(MIXED))]
+    rows = [state(SamplingParams(seed=i, **kw), prompt_ids=[7, 9]) for i, kw in enumerate(kinds)]
+    refs = [torch.Generator().manual_seed(i) for i in range(len(kinds))]
     for _ in range(4):
-        logits = torch.randn(len(MIXED), vocab, generator=gen) * scale
+        logits = torch.randn(len(kinds), vocab, generator=gen) * scale
         if bf16:
-            logits = logits.bfloat16().float()
+            logits = logits.bfloat16()
+        before = logits.clone()
         ours = sample(logits, rows)
+        assert torch.equal(logits, before)  # the engine's logits are never edited
         for i, (row, ref) in enumerate(zip(rows, refs)):
             p = row.params
-            edited = _reference_edits(logits[i], row)
+            edited = _reference_edits(logits[i].float(), row)
             assert ours[i] == sample_next(edited, p.temperature, p.top_k, p.top_p, ref, p.min_p)
             row.append(ours[i])
 
