@@ -40,10 +40,10 @@ from fanformer.config import ModelConfig  # noqa: E402
 from fanformer.data import EVAL_TEXT, bits_per_byte, read_eval_text  # noqa: E402
 from fanformer.model import FANformer  # noqa: E402
 from fanformer.tokenizer import Tokenizer  # noqa: E402
-from quant import layers as qlayers  # noqa: E402
 from quant import load_any_checkpoint  # noqa: E402
 from quant.convert import block_linears, cast_float_tensors  # noqa: E402
 from quant.int8 import quantize_int8, quantize_lm_head, quantize_nf4, quantize_rtn  # noqa: E402
+from quant.layers import weight_only_everywhere  # noqa: E402
 
 VARIANTS = {
     "bf16": lambda m: None,
@@ -121,11 +121,10 @@ def run_speed(args) -> dict:
                     runs[variant].append(decode_tokens_per_s(model, tokenizer, concurrency,
                                                              args.new_tokens))
                 if concurrency > 4:  # what w8a8 on the big layers buys at batch size
-                    default, qlayers.W8A8_MIN_WEIGHTS = qlayers.W8A8_MIN_WEIGHTS, 1 << 62
-                    aten_only.append(decode_tokens_per_s(
-                        models["int4 g128, head int8"], tokenizer, concurrency,
-                        args.new_tokens))
-                    qlayers.W8A8_MIN_WEIGHTS = default
+                    with weight_only_everywhere():
+                        aten_only.append(decode_tokens_per_s(
+                            models["int4 g128, head int8"], tokenizer, concurrency,
+                            args.new_tokens))
             row = {v: statistics.median(r) for v, r in runs.items()}
             if aten_only:
                 row["int4 g128, head int8, aten kernels only"] = statistics.median(aten_only)
@@ -175,11 +174,10 @@ def run_quality(args) -> dict:
                 results[label] = {"error": done.stderr.strip()[-300:]}
                 continue
             report = json.loads((out / "quant_report.json").read_text())
-            default, qlayers.W8A8_MIN_WEIGHTS = qlayers.W8A8_MIN_WEIGHTS, 1 << 62
-            qmodel, _ = load_any_checkpoint(out)
-            cast_float_tensors(qmodel, torch.float32)
-            report["eval_bpb_weight_only_kernels"] = score(qmodel)
-            qlayers.W8A8_MIN_WEIGHTS = default
+            with weight_only_everywhere():
+                qmodel, _ = load_any_checkpoint(out)
+                cast_float_tensors(qmodel, torch.float32)
+                report["eval_bpb_weight_only_kernels"] = score(qmodel)
             results[label] = report
             print(label, {k: report[k] for k in ("eval_bpb_after", "size_bytes_after",
                                                  "seconds")}, flush=True)

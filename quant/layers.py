@@ -7,18 +7,20 @@ buffer is reassigned, loaded or moved.
 
 Batch invariance: every kernel here keeps rows apart (row i of its output depends on row i
 of x only). What can still make a request's tokens depend on the crowd is a layer that
-switches kernels with the row count. Small layers never switch; big ones (at least
-W8A8_MIN_WEIGHTS weights) run their weight-only kernel at up to SMALL_BATCH_ROWS rows,
-where it is 2-3x faster, and w8a8 above, unless `batch_invariant` is set (the engine sets
-it from `--batch_invariant`): then they run w8a8 at every row count and a request gives
-bitwise the same tokens alone and in a crowd (numbers in docs/QUANTIZATION.md):
+switches kernels with the row count. By default a layer runs its weight-only kernel while
+rows x weights (the call's multiply-adds) stays within WEIGHT_ONLY_MAX_WORK, where it is
+faster, and w8a8 above: the weight-only kernels' time grows with that product, w8a8's is
+nearly flat at these sizes. With `batch_invariant` (the engine sets it from
+`--batch_invariant`) a layer runs one kernel at every row count, weight-only under
+W8A8_MIN_WEIGHTS weights and w8a8 from there, and a request gives bitwise the same tokens
+alone and in a crowd (numbers in docs/QUANTIZATION.md):
 
-  weight-only (layers under W8A8_MIN_WEIGHTS weights): bf16 activations times the stored
+  weight-only (small calls): bf16 activations times the stored
       weights, aten `_weight_int4pack_mm_for_cpu` (4-bit, groups of 32..256),
       `_weight_int8pack_mm` (int8) or bitsandbytes' nf4 kernel. Their rows never mix
       (checked by tests/test_quant_layers.py); 2-4x faster than bf16 `F.linear` at 1-4
-      rows, but they slow down in proportion to the rows, so they are kept for small layers.
-  w8a8 (big layers, and formats no weight-only kernel takes): each row quantized to int8
+      rows, but they slow down in proportion to the rows.
+  w8a8 (big calls, and formats no weight-only kernel takes): each row quantized to int8
       on its own absmax grid, an integer GEMM with per-channel int8 weights (4-bit and
       nf4 weights requantized once), then the row and channel scales. Integer sums are
       exact, so a row's result cannot depend on the others by construction. The GEMM is
@@ -43,13 +45,35 @@ from torch import nn
 
 from quant.packing import unpack_awq, unpack_gptq
 
-# Layers with at least this many weights run w8a8 at every row count; smaller ones the
-# weight-only kernels. Read per call, so benchmarks may change it between runs (never while
-# serving: a request's numerics would change mid-stream).
+# The kernel policy, read per call, so benchmarks may change it between runs (never while
+# serving: a request's numerics would change mid-stream); `weight_only_everywhere()` below
+# sets both out of reach.
+# Default: weight-only while rows x in_features x out_features is at most this, w8a8 above
+# (the crossover measured with bench/bench_quant_kernels.py, docs/QUANTIZATION.md).
+WEIGHT_ONLY_MAX_WORK = 1 << 21
+# batch_invariant: layers with at least this many weights run w8a8 at every row count,
+# smaller ones their weight-only kernel.
 W8A8_MIN_WEIGHTS = 1 << 18
-SMALL_BATCH_ROWS = 4  # big layers: weight-only up to this many rows (not batch invariant)
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 NF4_BLOCK = 64  # bitsandbytes' default blocksize for 4-bit
+# oneDNN's int8 linear gets rows in multiples of this: at 1-5 rows it picks its slow
+# reference kernel for many shapes (ms instead of us; seen with ONEDNN_VERBOSE=1, torch
+# 2.13), never at 6 or more in a grid of this repo's shapes; whole tiles also bound the
+# number of shapes it JIT-compiles
+ONEDNN_ROW_TILE = 16
+
+
+@contextlib.contextmanager
+def weight_only_everywhere():
+    """Within: every layer that has a weight-only kernel runs it at every row count (what
+    benchmarks compare the default policy against); the policy is restored after."""
+    global WEIGHT_ONLY_MAX_WORK, W8A8_MIN_WEIGHTS
+    saved = WEIGHT_ONLY_MAX_WORK, W8A8_MIN_WEIGHTS
+    WEIGHT_ONLY_MAX_WORK = W8A8_MIN_WEIGHTS = 1 << 62
+    try:
+        yield
+    finally:
+        WEIGHT_ONLY_MAX_WORK, W8A8_MIN_WEIGHTS = saved
 
 
 @functools.cache
@@ -92,8 +116,13 @@ def _onednn_int8_sums(w8: torch.Tensor):
     zeros = torch.zeros(w8.shape[0], dtype=torch.long, device=w8.device)
 
     def sums(q: torch.Tensor) -> torch.Tensor:
-        return torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, ones, zeros, None, 1.0, 0,
-                                                  torch.float32, "none", [], "")
+        rows = q.shape[0]
+        padded = -(-rows // ONEDNN_ROW_TILE) * ONEDNN_ROW_TILE
+        if padded != rows:  # zero rows: exact sums of 0, and they never touch the others
+            q = F.pad(q, (0, 0, 0, padded - rows))
+        out = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, ones, zeros, None, 1.0, 0,
+                                                 torch.float32, "none", [], "")
+        return out[:rows]  # (M, N)
     return sums
 
 
@@ -178,12 +207,16 @@ class QuantLinear(nn.Module):
 
     def kernel_name(self, rows: int) -> str:
         """'weight-only' or 'w8a8': what this layer runs on CPU for an input of `rows` rows.
-        Small layers: weight-only at every row count (where the format has a kernel); big
-        ones: weight-only up to SMALL_BATCH_ROWS rows unless batch_invariant, else w8a8."""
-        small = self.in_features * self.out_features < W8A8_MIN_WEIGHTS
-        if small or (rows <= SMALL_BATCH_ROWS and not self.batch_invariant):
-            if self._kernel("weight-only") is not None:
-                return "weight-only"
+        Weight-only (where the format has a kernel) while rows x weights is at most
+        WEIGHT_ONLY_MAX_WORK; with batch_invariant, at every row count for layers under
+        W8A8_MIN_WEIGHTS weights; else w8a8."""
+        weights = self.in_features * self.out_features
+        if self.batch_invariant:
+            weight_only = weights < W8A8_MIN_WEIGHTS
+        else:
+            weight_only = rows * weights <= WEIGHT_ONLY_MAX_WORK
+        if weight_only and self._kernel("weight-only") is not None:
+            return "weight-only"
         return "w8a8"
 
     # ---- kernels, built lazily and dropped whenever the buffers change ----

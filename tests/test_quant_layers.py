@@ -134,20 +134,30 @@ def test_kernels_match_reference(rows, kernel, device):
         assert y.dtype == x.dtype and y.shape == (rows, layer.out_features)
 
 
-def test_small_layers_have_one_kernel_and_big_ones_switch_unless_batch_invariant(
-        monkeypatch):
-    """Weight-only kernels for small layers where the format has one, at every row count;
-    w8a8 for formats without one (3-bit GPTQ). Big layers (2^18 weights) run weight-only up
-    to SMALL_BATCH_ROWS rows and w8a8 above, or w8a8 at every row count when batch
-    invariant."""
-    for name, layer in _layers():
-        expected = "w8a8" if name == "gptq-3bit" else "weight-only"
-        assert {layer.kernel_name(r) for r in (1, 4, 5, 64)} == {expected}, name
+def test_kernel_follows_the_work_of_the_call_unless_batch_invariant(monkeypatch):
+    """By default a layer runs its weight-only kernel while rows x weights is at most
+    WEIGHT_ONLY_MAX_WORK and w8a8 beyond (3-bit GPTQ has no weight-only kernel: always
+    w8a8). With batch_invariant, one kernel at every row count: weight-only under
+    W8A8_MIN_WEIGHTS weights, w8a8 from there."""
     head = gptq_layer(rtn_quantize(_weight(1024, 256), 4, 64), None, 4, 64)  # 2^18 weights
-    rows = [1, qlayers.SMALL_BATCH_ROWS, qlayers.SMALL_BATCH_ROWS + 1, 64]
-    assert [head.kernel_name(r) for r in rows] == ["weight-only"] * 2 + ["w8a8"] * 2
-    monkeypatch.setattr(head, "batch_invariant", True)
-    assert {head.kernel_name(r) for r in rows} == {"w8a8"}
+    for name, layer in [*_layers(), ("head", head)]:
+        weights = layer.in_features * layer.out_features
+        edge = qlayers.WEIGHT_ONLY_MAX_WORK // weights  # the most rows weight-only takes
+        got = [layer.kernel_name(r) for r in (1, edge, edge + 1, 4096)]
+        if name == "gptq-3bit":
+            assert set(got) == {"w8a8"}, name
+        else:
+            assert got == ["weight-only"] * 2 + ["w8a8"] * 2, name
+        monkeypatch.setattr(layer, "batch_invariant", True)
+        invariant = "weight-only" if weights < qlayers.W8A8_MIN_WEIGHTS else "w8a8"
+        if name == "gptq-3bit":
+            invariant = "w8a8"
+        assert {layer.kernel_name(r) for r in (1, edge, edge + 1, 4096)} == {invariant}, name
+    assert head.kernel_name(1) == "w8a8"  # it is the big one
+    policy = qlayers.WEIGHT_ONLY_MAX_WORK, qlayers.W8A8_MIN_WEIGHTS
+    with qlayers.weight_only_everywhere():
+        assert head.kernel_name(4096) == "weight-only"
+    assert (qlayers.WEIGHT_ONLY_MAX_WORK, qlayers.W8A8_MIN_WEIGHTS) == policy
 
 
 def _int4_head():
