@@ -10,14 +10,17 @@ rtn, awq, gptq and gptq --desc_act at 4 bits, and rtn and gptq at 3 bits. Each q
 model is made by `fanformer-quantize` (in process) into a temporary folder, reloaded as
 users load it, its non-quantized tensors cast to fp32, and scored with
 `fanformer.data.bits_per_byte` on `read_eval_text(--eval_data)` (Gutenberg credits
-stripped), in windows of 512 tokens. gptq and awq run once per --seeds value (the seed
-picks the calibration windows); bf16, int8, nf4 and rtn use no calibration data, are
-deterministic, and run once: their sd is 0 by construction, not by measurement.
+stripped), in windows of 512 tokens, with every layer that has a weight-only kernel
+running it (`quant.layers.weight_only_everywhere`: bf16 activations, so the figure is the
+weights' error; 3-bit layers have no such kernel and run w8a8). gptq and awq run once
+per --seeds value (the seed picks the calibration windows); bf16, int8, nf4 and rtn use
+no calibration data, are deterministic, and run once: their sd is 0 by construction, not
+by measurement.
 
 Resumable: one JSON record per (method, bits, seed) is appended to --out as it finishes;
 a rerun skips the ones there and refuses a file written with other settings. The end is
-a Markdown table (also when everything was already done). Knows quant's command line and
-loaders, not its internals.
+a Markdown table (also when everything was already done). Knows quant's command line,
+loaders and kernel policy switch, not its internals.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from quant.calibration import DEFAULT_CALIB_TEXT  # noqa: E402
 from quant.cli import build_parser, quantize  # noqa: E402
 from quant.config import QuantError  # noqa: E402
 from quant.convert import cast_float_tensors  # noqa: E402
+from quant.layers import weight_only_everywhere  # noqa: E402
 
 GROUP_SIZE = 128
 # (label, method, bits, extra flags); calibrated = method in CALIBRATED
@@ -106,8 +110,11 @@ def eval_text(args) -> str:
 
 
 def score(model, tokenizer, text: str, seq_len: int) -> dict:
+    """The weights' own error: every layer with a weight-only kernel runs it (bf16
+    activations) at any row count, instead of int8 activations on long windows."""
     seq_len = min(seq_len, model.config.max_seq_len)
-    return bits_per_byte(model, tokenizer, text, seq_len=seq_len, batch_size=4)
+    with weight_only_everywhere():
+        return bits_per_byte(model, tokenizer, text, seq_len=seq_len, batch_size=4)
 
 
 def run_one(args, text: str, label: str, method: str | None, bits: int, extra: list[str],
