@@ -252,6 +252,20 @@ def builder_argv(parser: argparse.ArgumentParser, builder_args: dict[str, str]) 
     return argv
 
 
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt(param, value); False where refused or not glibc (musl has none)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(param, value))  # 0 means refused
+    except (OSError, AttributeError):
+        return False
+
+
 def limit_malloc_arenas(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX=2 would) unless the user set it.
 
@@ -261,16 +275,25 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     (docs/RELIABILITY.md "Memory" has the runs and their commands).
     Must run before other threads allocate, so first thing in main(). Returns whether set.
     """
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+    if os.environ.get("MALLOC_ARENA_MAX"):
         return False
-    import ctypes
-    import ctypes.util
+    return _mallopt(-8, arenas)  # M_ARENA_MAX
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-8, arenas))  # -8 is M_ARENA_MAX; 0 means refused
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to do
+
+def reuse_freed_blocks(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Serve allocations under 32 MiB from malloc's heap and keep freed memory there (as
+    MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ would), unless the user set either.
+
+    A decode step allocates and frees the same multi-MiB tensors every step (a batch's
+    logits and the sampler's fp32 copies: 8 MiB at 64 x 32k). Above glibc's 128 KiB
+    threshold each one is a fresh mmap whose pages fault in on first touch, so an
+    elementwise pass over them costs about twice a pass over reused memory
+    (docs/ENGINE.md "Memory allocator"). Returns whether both were set."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_")
+            or "mmap_threshold" in tunables or "trim_threshold" in tunables):
         return False
+    return _mallopt(-3, mmap_threshold) and _mallopt(-1, trim_threshold)  # M_MMAP/M_TRIM
 
 
 def idle_threads_sleep() -> bool:
@@ -288,6 +311,7 @@ def idle_threads_sleep() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     limit_malloc_arenas()
+    reuse_freed_blocks()
     idle_threads_sleep()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),

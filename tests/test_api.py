@@ -507,6 +507,18 @@ def test_malloc_arenas_are_capped_unless_the_user_chose(monkeypatch):
     assert limit_malloc_arenas() == glibc
 
 
+def test_freed_blocks_are_reused_unless_the_user_chose(monkeypatch):
+    from server.cli import reuse_freed_blocks
+
+    for name, value in [("MALLOC_MMAP_THRESHOLD_", "65536"), ("MALLOC_TRIM_THRESHOLD_", "0"),
+                        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")]:
+        monkeypatch.setenv(name, value)
+        assert not reuse_freed_blocks(), name  # the user's choice stands
+        monkeypatch.delenv(name)
+    glibc = sys.platform.startswith("linux") and "glibc" in " ".join(platform.libc_ver())
+    assert reuse_freed_blocks() == glibc
+
+
 def test_idle_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
     from server.cli import idle_threads_sleep
 
