@@ -88,7 +88,7 @@ def build_parser() -> FlagParser:
     p.add_argument("--batch_invariant", action="store_true",
                    help="quantized layers compute a row the same way at every batch size, so "
                         "a request gives bitwise the same tokens alone and in a crowd (4-bit "
-                        "layers of 2^18+ weights then run w8a8 at 1-4 streams too: slower)")
+                        "layers of 2^18+ weights then run w8a8 at a few streams too: slower)")
     p.add_argument("--cors_origins", nargs="*", default=[],
                    help="origins allowed by CORS, e.g. '*' or http://localhost:3000")
     p.add_argument("--served_model_name", default=None,

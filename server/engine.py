@@ -66,7 +66,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"  # auto = bfloat16 (CPU and CUDA); float32 and float16 also allowed
     batch_invariant: bool = False  # quantized layers: one kernel at every batch size, so a
-    #   request gives bitwise the same tokens alone and in a crowd (4-bit: slower at 1-4 rows);
+    #   request gives bitwise the same tokens alone and in a crowd (4-bit: slower at few rows);
     #   also turns off cascade decode over a shared prefix (server/kv_cache.py)
     fp32_logits: bool | None = None  # the LM head in fp32 (no bf16 ties); default: on CUDA
     #   only: on CPU an fp32 head cost 5x the bf16 one (32 vs 6 ms a step at batch 64, 32k
