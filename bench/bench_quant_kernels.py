@@ -17,7 +17,7 @@ machine only the ratios mean anything, and the load average is printed with them
                    row and column scales: what `quant.layers` runs on big layers where
                    oneDNN's int8 linear is not exact
   w8a8 oneDNN      the same integers through oneDNN's int8 linear on a prepacked weight
-                   (`quant.layers.w8a8_kernel`): what big layers run where it is exact (same
+                   (`quant.w8a8.w8a8_kernel`): what big layers run where it is exact (same
                    bits as _int_mm; column shown only there)
   w8a8 fbgemm      the same integers through fbgemm: the codes of each row (scale 1) plus
                    one row holding -128 and 127 pin fbgemm's per-tensor grid to scale 1,
@@ -29,7 +29,7 @@ was dropped; with the weight prepacked once and warmed up per row count, as here
 
 It also checks each candidate's batch invariance (row i of an M-row call equals the call
 on row i alone, bitwise) and prints it next to the times. Knows torch, not our layers'
-internals except `quant.layers`' w8a8 kernels, the ones under test.
+internals except `quant.w8a8`, the kernels under test.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from torch.utils import benchmark
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from quant.layers import onednn_int8_exact, quantize_rows, w8a8_kernel, w8a8_linear  # noqa: E402,E501
+from quant.w8a8 import onednn_int8_exact, quantize_rows, w8a8_kernel, w8a8_linear  # noqa: E402
 
 # the demo checkpoint's linear shapes (K -> N), then fanformer-92m-like full-rank ones
 DEFAULT_SHAPES = ["256x64", "64x256", "64x768", "768x64", "256x218", "256x8192",

@@ -23,9 +23,8 @@ alone and in a crowd (numbers in docs/QUANTIZATION.md):
   w8a8 (big calls, and formats no weight-only kernel takes): each row quantized to int8
       on its own absmax grid, an integer GEMM with per-channel int8 weights (4-bit and
       nf4 weights requantized once), then the row and channel scales. Integer sums are
-      exact, so a row's result cannot depend on the others by construction. The GEMM is
-      oneDNN's int8 linear on a weight prepacked at load where it gives exact sums here
-      (AMX/VNNI; checked once), else `torch._int_mm`: the same bits either way.
+      exact, so a row's result cannot depend on the others by construction (the GEMM:
+      quant/w8a8.py).
   other devices (CUDA): the readable reference, dequantized once into x's dtype and
       cached, then `F.linear`; `dequantize()` is also what the tests compare against.
 
@@ -35,7 +34,6 @@ The modules know their tensors and kernels; they know nothing about models or fi
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 
@@ -44,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant.packing import unpack_awq, unpack_gptq
+from quant.w8a8 import activation_qmax, per_channel_int8, w8a8_kernel
 
 # The kernel policy, read per call, so benchmarks may change it between runs (never while
 # serving: a request's numerics would change mid-stream); `weight_only_everywhere()` below
@@ -56,11 +55,6 @@ WEIGHT_ONLY_MAX_WORK = 1 << 21
 W8A8_MIN_WEIGHTS = 1 << 18
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 NF4_BLOCK = 64  # bitsandbytes' default blocksize for 4-bit
-# oneDNN's int8 linear gets rows in multiples of this: at 1-5 rows it picks its slow
-# reference kernel for many shapes (ms instead of us; seen with ONEDNN_VERBOSE=1, torch
-# 2.13), never at 6 or more in a grid of this repo's shapes; whole tiles also bound the
-# number of shapes it JIT-compiles
-ONEDNN_ROW_TILE = 16
 
 
 @contextlib.contextmanager
@@ -74,96 +68,6 @@ def weight_only_everywhere():
         yield
     finally:
         WEIGHT_ONLY_MAX_WORK, W8A8_MIN_WEIGHTS = saved
-
-
-@functools.cache
-def activation_qmax() -> int:
-    """The int8 activation range: +-127, or +-63 (fbgemm's `reduce_range`) on CPUs without
-    VNNI/AMX int8 dot products, whose u8 x s8 pair sums saturate int16 at full range."""
-    return 127 if torch.cpu._is_vnni_supported() else 63
-
-
-def quantize_rows(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) -> int8 codes (M, K) and fp32 scales (M, 1), each row on its own grid.
-
-    The largest |x| of a row maps to x * (qmax / amax), within an ulp of qmax, so it
-    rounds to qmax and no clamp is needed.
-    """
-    amax = x.abs().amax(-1, keepdim=True).float().clamp_(min=1e-30)  # (M, 1)
-    q = (x * (qmax / amax)).round_().to(torch.int8)  # (M, K)
-    return q, amax / qmax
-
-
-def w8a8_linear(x: torch.Tensor, w8t: torch.Tensor, w_scale: torch.Tensor,
-                qmax: int = 127) -> torch.Tensor:
-    """x (M, K) times int8 weights w8t (K, N) with per-channel scales (N,): fp32 (M, N).
-
-    `torch._int_mm` accumulates in int32, exactly, so the result of a row is the same
-    whatever GEMM blocking the row count selects; the scaling is elementwise. The portable
-    path, and the reference `w8a8_kernel`'s oneDNN path must equal bit for bit.
-    """
-    q, sx = quantize_rows(x, qmax)
-    return torch._int_mm(q, w8t).float().mul_(sx).mul_(w_scale)
-
-
-def _onednn_int8_sums(w8: torch.Tensor):
-    """w8 (N, K) int8 -> a callable q (M, K) int8 -> (M, N) fp32 holding the exact int32
-    sums q @ w8.T, through oneDNN's int8 linear on a weight prepacked once for this CPU
-    (AMX or VNNI tiles). Scales of 1 and zero points of 0, so oneDNN only converts the sums
-    to fp32, as `.float()` does; the real scales are applied after, in `w8a8_linear`'s order."""
-    packed = torch.ops.onednn.qlinear_prepack(w8, None)
-    ones = torch.ones(w8.shape[0], dtype=torch.float32, device=w8.device)
-    zeros = torch.zeros(w8.shape[0], dtype=torch.long, device=w8.device)
-
-    def sums(q: torch.Tensor) -> torch.Tensor:
-        rows = q.shape[0]
-        padded = -(-rows // ONEDNN_ROW_TILE) * ONEDNN_ROW_TILE
-        if padded != rows:  # zero rows: exact sums of 0, and they never touch the others
-            q = F.pad(q, (0, 0, 0, padded - rows))
-        out = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, ones, zeros, None, 1.0, 0,
-                                                 torch.float32, "none", [], "")
-        return out[:rows]  # (M, N)
-    return sums
-
-
-@functools.cache
-def onednn_int8_exact() -> bool:
-    """Whether oneDNN's int8 linear runs here and gives `torch._int_mm`'s sums bit for bit
-    (checked once on random codes at full range, several row counts). Where it does, it is
-    2-4x faster than `_int_mm` at 16-64 rows on this repo's shapes (docs/QUANTIZATION.md)."""
-    if not (hasattr(torch.ops.onednn, "qlinear_prepack") and torch.backends.mkldnn.is_available()):
-        return False
-    g = torch.Generator().manual_seed(0)
-    w8 = torch.randint(-127, 128, (48, 256), generator=g, dtype=torch.int8, device="cpu")
-    q = torch.randint(-activation_qmax(), activation_qmax() + 1, (17, 256), generator=g,
-                      dtype=torch.int8, device="cpu")
-    try:
-        sums = _onednn_int8_sums(w8)
-        return all(torch.equal(sums(q[:m]), torch._int_mm(q[:m], w8.T.contiguous()).float())
-                   for m in (1, 5, 17))
-    except RuntimeError:  # a torch built without oneDNN's int8 ops, or a CPU it rejects
-        return False
-
-
-def w8a8_kernel(w8: torch.Tensor, w_scale: torch.Tensor, qmax: int = 127):
-    """A callable x (M, K) -> fp32 (M, N) computing `w8a8_linear` with the int8 weights w8
-    (N, K) and per-channel scales w_scale (N,), on the fastest exact GEMM this CPU has."""
-    w_scale = w_scale.float()
-    if w8.device.type == "cpu" and onednn_int8_exact():
-        sums = _onednn_int8_sums(w8.contiguous())
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            q, sx = quantize_rows(x, qmax)
-            return sums(q).mul_(sx).mul_(w_scale)
-        return run
-    w8t = w8.T.contiguous()  # (K, N)
-    return lambda x: w8a8_linear(x, w8t, w_scale, qmax)
-
-
-def per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8 of w (N, K): codes (N, K) and fp32 scales (N,)."""
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from quant import layers as qlayers
+from quant import w8a8
 from quant.convert import awq_layer, gptq_layer
 from quant.layers import Int8Linear, NF4Linear, bnb
 from quant.packing import (
@@ -346,14 +347,14 @@ def test_w8a8_kernel_gives_the_int_mm_bits_on_every_path(k, n, monkeypatch):
     `torch._int_mm` elsewhere) gives `w8a8_linear`'s bits at every row count, in bf16 and
     fp32, on odd widths, with an outlier row; and the `_int_mm` fallback runs too."""
     g = torch.Generator().manual_seed(k + n)
-    w8, scale = qlayers.per_channel_int8(torch.randn(n, k, generator=g))
+    w8, scale = w8a8.per_channel_int8(torch.randn(n, k, generator=g))
     x = torch.randn(70, k, generator=g) * 3
     x[4] *= 1000
-    expected = {dt: qlayers.w8a8_linear(x.to(dt), w8.T.contiguous(), scale)
+    expected = {dt: w8a8.w8a8_linear(x.to(dt), w8.T.contiguous(), scale)
                 for dt in (torch.float32, torch.bfloat16)}
-    fast = qlayers.w8a8_kernel(w8, scale)
-    monkeypatch.setattr(qlayers, "onednn_int8_exact", lambda: False)
-    portable = qlayers.w8a8_kernel(w8, scale)
+    fast = w8a8.w8a8_kernel(w8, scale)
+    monkeypatch.setattr(w8a8, "onednn_int8_exact", lambda: False)
+    portable = w8a8.w8a8_kernel(w8, scale)
     for kernel in (fast, portable):
         for dtype, want in expected.items():
             for rows in (1, 3, 16, 70):

@@ -1,0 +1,113 @@
+"""The exact int8 GEMM of the w8a8 kernel: rows quantized to int8 each on its own grid,
+multiplied by per-channel int8 weights with int32 sums, then both scales.
+
+Integer sums are exact in any order, so a row's result never depends on the other rows or
+on how many there are: the property quantized layers' batch invariance rests on
+(quant/layers.py). Two GEMMs give those sums: oneDNN's int8 linear on a prepacked weight
+(AMX/VNNI, used where a one-time check finds it exact) and `torch._int_mm` (everywhere
+else); both give the same bits, which tests/test_quant_layers.py checks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+# oneDNN's int8 linear gets rows in multiples of this: at 1-5 rows it picks its slow
+# reference kernel for many shapes (ms instead of us; seen with ONEDNN_VERBOSE=1, torch
+# 2.13), never at 6 or more in a grid of this repo's shapes; whole tiles also bound the
+# number of shapes it JIT-compiles
+ONEDNN_ROW_TILE = 16
+
+
+@functools.cache
+def activation_qmax() -> int:
+    """The int8 activation range: +-127, or +-63 (fbgemm's `reduce_range`) on CPUs without
+    VNNI/AMX int8 dot products, whose u8 x s8 pair sums saturate int16 at full range."""
+    return 127 if torch.cpu._is_vnni_supported() else 63
+
+
+def quantize_rows(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> int8 codes (M, K) and fp32 scales (M, 1), each row on its own grid.
+
+    The largest |x| of a row maps to x * (qmax / amax), within an ulp of qmax, so it
+    rounds to qmax and no clamp is needed.
+    """
+    amax = x.abs().amax(-1, keepdim=True).float().clamp_(min=1e-30)  # (M, 1)
+    q = (x * (qmax / amax)).round_().to(torch.int8)  # (M, K)
+    return q, amax / qmax
+
+
+def w8a8_linear(x: torch.Tensor, w8t: torch.Tensor, w_scale: torch.Tensor,
+                qmax: int = 127) -> torch.Tensor:
+    """x (M, K) times int8 weights w8t (K, N) with per-channel scales (N,): fp32 (M, N).
+
+    `torch._int_mm` accumulates in int32, exactly, so the result of a row is the same
+    whatever GEMM blocking the row count selects; the scaling is elementwise. The portable
+    path, and the reference that `w8a8_kernel`'s oneDNN path must equal bit for bit.
+    """
+    q, sx = quantize_rows(x, qmax)
+    return torch._int_mm(q, w8t).float().mul_(sx).mul_(w_scale)
+
+
+def _onednn_int8_sums(w8: torch.Tensor):
+    """w8 (N, K) int8 -> a callable q (M, K) int8 -> (M, N) fp32 holding the exact int32
+    sums q @ w8.T, through oneDNN's int8 linear on a weight prepacked once for this CPU
+    (AMX or VNNI tiles). Scales of 1 and zero points of 0, so oneDNN only converts the sums
+    to fp32, as `.float()` does; the real scales are applied after, in `w8a8_linear`'s order."""
+    packed = torch.ops.onednn.qlinear_prepack(w8, None)
+    ones = torch.ones(w8.shape[0], dtype=torch.float32, device=w8.device)
+    zeros = torch.zeros(w8.shape[0], dtype=torch.long, device=w8.device)
+
+    def sums(q: torch.Tensor) -> torch.Tensor:
+        rows = q.shape[0]
+        padded = -(-rows // ONEDNN_ROW_TILE) * ONEDNN_ROW_TILE
+        if padded != rows:  # zero rows: exact sums of 0, and they never touch the others
+            q = F.pad(q, (0, 0, 0, padded - rows))
+        out = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, ones, zeros, None, 1.0, 0,
+                                                 torch.float32, "none", [], "")
+        return out[:rows]  # (M, N)
+    return sums
+
+
+@functools.cache
+def onednn_int8_exact() -> bool:
+    """Whether oneDNN's int8 linear runs here and gives `torch._int_mm`'s sums bit for bit
+    (checked once on random codes at full range, several row counts). Where it does, it is
+    up to 3x faster than `_int_mm` (the LM head at 16 rows) and on a par or better on the
+    other layers measured (docs/QUANTIZATION.md)."""
+    if not (hasattr(torch.ops.onednn, "qlinear_prepack") and torch.backends.mkldnn.is_available()):
+        return False
+    g = torch.Generator().manual_seed(0)
+    w8 = torch.randint(-127, 128, (48, 256), generator=g, dtype=torch.int8, device="cpu")
+    q = torch.randint(-activation_qmax(), activation_qmax() + 1, (17, 256), generator=g,
+                      dtype=torch.int8, device="cpu")
+    try:
+        sums = _onednn_int8_sums(w8)
+        return all(torch.equal(sums(q[:m]), torch._int_mm(q[:m], w8.T.contiguous()).float())
+                   for m in (1, 5, 17))
+    except RuntimeError:  # a torch built without oneDNN's int8 ops, or a CPU it rejects
+        return False
+
+
+def w8a8_kernel(w8: torch.Tensor, w_scale: torch.Tensor, qmax: int = 127):
+    """A callable x (M, K) -> fp32 (M, N) computing `w8a8_linear` with the int8 weights w8
+    (N, K) and per-channel scales w_scale (N,), on the fastest exact GEMM this CPU has."""
+    w_scale = w_scale.float()
+    if w8.device.type == "cpu" and onednn_int8_exact():
+        sums = _onednn_int8_sums(w8.contiguous())
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            q, sx = quantize_rows(x, qmax)
+            return sums(q).mul_(sx).mul_(w_scale)
+        return run
+    w8t = w8.T.contiguous()  # (K, N)
+    return lambda x: w8a8_linear(x, w8t, w_scale, qmax)
+
+
+def per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of w (N, K): codes (N, K) and fp32 scales (N,)."""
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
