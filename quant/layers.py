@@ -15,8 +15,8 @@ nearly flat at these sizes. With `batch_invariant` (the engine sets it from
 W8A8_MIN_WEIGHTS weights and w8a8 from there, and a request gives bitwise the same tokens
 alone and in a crowd (numbers in docs/QUANTIZATION.md):
 
-  weight-only (small calls): bf16 activations times the stored
-      weights, aten `_weight_int4pack_mm_for_cpu` (4-bit, groups of 32..256),
+  weight-only (small calls): bf16 activations times the stored weights, aten
+      `_weight_int4pack_mm_for_cpu` (4-bit, groups of 32..256),
       `_weight_int8pack_mm` (int8) or bitsandbytes' nf4 kernel. Their rows never mix
       (checked by tests/test_quant_layers.py); 2-4x faster than bf16 `F.linear` at 1-4
       rows, but they slow down in proportion to the rows.
