@@ -104,6 +104,11 @@ class Request:
         """min_tokens not reached: EOS, stop ids and stop strings do not end it yet."""
         return len(self.output_ids) < self.params.min_tokens
 
+    @property
+    def bans_stop_ids(self) -> bool:
+        """Whether the sampler must mask this request's stop ids this step (min_tokens)."""
+        return self.below_min_tokens and bool(self.stop_ids)
+
     def append(self, token: int) -> None:
         """Record a generated token (and keep the penalties' history current)."""
         self.output_ids.append(token)
