@@ -109,6 +109,12 @@ class Request:
         """Whether the sampler must mask this request's stop ids this step (min_tokens)."""
         return self.below_min_tokens and bool(self.stop_ids)
 
+    @property
+    def edits_logits(self) -> bool:
+        """Whether the sampler edits this row's logits this step: bias, penalties, or stop
+        ids masked until min_tokens."""
+        return self.params.edits_logits or self.bans_stop_ids
+
     def append(self, token: int) -> None:
         """Record a generated token (and keep the penalties' history current)."""
         self.output_ids.append(token)

@@ -51,7 +51,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | Exceptio
     exactly two uniforms from its request's generator, so a seeded request draws the same
     tokens alone, in any batch, and in the reference loop (`fanformer.generate.sample_next`).
     """
-    if all(r.params.plain_greedy and not r.bans_stop_ids
+    if all(r.params.greedy and not r.edits_logits
            for r in requests):  # the common greedy batch: one argmax (fp32 is faster on CPU)
         # torch.max's indices (the first maximum, as argmax) cost half of argmax on CPU
         return torch.max(logits.float(), dim=-1).indices.tolist()
@@ -77,7 +77,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | Exceptio
 
 def _sample_rows(logits: torch.Tensor, requests: list[Request],
                  uniforms: list[torch.Tensor]) -> list[int]:
-    if any(r.params.edits_logits or r.bans_stop_ids for r in requests):
+    if any(r.edits_logits for r in requests):
         x = logits.float()
         if x is logits:
             x = x.clone()  # (B, V) fp32, edited in place below

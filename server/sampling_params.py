@@ -107,8 +107,3 @@ class SamplingParams:
     def edits_logits(self) -> bool:
         """Whether the sampler edits this row's logits before the filters (bias, penalties)."""
         return self.needs_history or bool(self.logit_bias)
-
-    @property
-    def plain_greedy(self) -> bool:
-        """Greedy with nothing that edits the logits: the vectorized argmax fast path."""
-        return self.greedy and not self.edits_logits
