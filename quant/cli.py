@@ -7,7 +7,10 @@ not already quantized, that the calibration text is long enough), quantizes, wri
 output directory atomically (nothing half-written on failure), reloads what it wrote to
 measure eval bits/byte (by default on the whole eval text, Gutenberg credits stripped by
 `fanformer.data.read_eval_text`; the report says how many tokens and bytes it scored), and
-ends with a report also saved as `quant_report.json`.
+ends with a report also saved as `quant_report.json`. The quantized model is scored on the
+weight-only kernels (`quant.layers.weight_only_everywhere`), so the figure is the weights'
+own error: the default kernel policy would put the eval's long batches on w8a8 and add the
+activations' int8 rounding, which a served request sees only in large batches.
 Bad input is one line on stderr and exit status 2. It does not know how any method works.
 """
 
@@ -17,6 +20,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from fanformer.outputs import OutputError, check_not_inside, check_output_dir, w
 from quant.calibration import DEFAULT_CALIB_TEXT, calibration_ids
 from quant.config import METHODS, QuantConfig, QuantError
 from quant.convert import block_linears, cast_float_tensors, load_quantized, write_quantized
+from quant.layers import QuantLinear, weight_only_everywhere
 from quant.rtn import effective_group_size
 
 REPORT_FILE = "quant_report.json"
@@ -175,7 +180,10 @@ def quantize(args) -> dict:
         qmodel, _ = load_quantized(tmp)  # measure what was written, as users will load it
         memory_after, rss_after = _tensor_bytes(qmodel), _rss()
         cast_float_tensors(qmodel, torch.float32)  # compare with `before` in fp32 compute
-        after = _evaluate(qmodel, tokenizer, eval_text, args)
+        with weight_only_everywhere():  # the weights' own error (module docstring)
+            after = _evaluate(qmodel, tokenizer, eval_text, args)
+            kernels = Counter(m.kernel_name(1) for m in qmodel.modules()
+                              if isinstance(m, QuantLinear))  # 3-bit and others: w8a8
         bpb_before = None if before is None else before["bits_per_byte"]
         bpb_after = None if after is None else after["bits_per_byte"]
         report = {
@@ -188,6 +196,7 @@ def quantize(args) -> dict:
             # what was scored: predicted tokens and the UTF-8 bytes they stand for
             "eval_tokens_scored": None if after is None else after["tokens"],
             "eval_bytes_scored": None if after is None else after["bytes"],
+            "eval_kernels": dict(kernels),  # quantized layers scored on each kernel
             "eval_text_bytes": len(eval_text.encode("utf-8")) if eval_text else None,
             "size_bytes_before": (source / WEIGHTS_FILE).stat().st_size,
             "size_bytes_after": (tmp / WEIGHTS_FILE).stat().st_size,

@@ -190,3 +190,34 @@ def test_the_eval_scores_the_whole_text_by_default_and_says_how_much(tmp_path, c
     assert report["eval_tokens_cap"] is None
     assert main([*base, "--output", str(tmp_path / "capped"), "--eval_tokens", "100"]) == 0
     assert json.loads(capsys.readouterr().out)["eval_tokens_scored"] == 100
+
+
+def test_the_report_scores_the_weights_own_error(tmp_path, checkpoint_dir, tokenizer, capsys,
+                                                 monkeypatch):
+    """The quantized model is scored on the weight-only kernels even where the default
+    policy would put the eval's batches on w8a8 (forced here for every call), and the report
+    says which kernels it scored on."""
+    import quant.layers
+    from fanformer.data import bits_per_byte, read_eval_text
+    from tests.conftest import FIXTURES
+
+    monkeypatch.setattr(quant.layers, "WEIGHT_ONLY_MAX_WORK", 0)  # default: w8a8 always
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text((FIXTURES / "tiny.txt").read_text()[:3000])
+    out = tmp_path / "out"
+    assert main(["--method", "rtn", "--checkpoint", str(checkpoint_dir), "--output", str(out),
+                 "--eval_data", str(eval_file), "--eval_seq_len", "64", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    model, _ = load_any_checkpoint(out)
+    layers = [m for m in model.modules() if isinstance(m, quant.layers.QuantLinear)]
+    assert sum(report["eval_kernels"].values()) == len(layers)
+    assert report["eval_kernels"]["weight-only"] > 0  # some layers' shapes fit no int4 kernel
+    from quant.convert import cast_float_tensors
+
+    cast_float_tensors(model, torch.float32)
+    text = read_eval_text(eval_file)
+    score = lambda: bits_per_byte(model, tokenizer, text, seq_len=64, batch_size=4)
+    on_w8a8 = score()["bits_per_byte"]
+    with quant.layers.weight_only_everywhere():
+        weight_only = score()["bits_per_byte"]
+    assert report["eval_bpb_after"] == weight_only != on_w8a8
