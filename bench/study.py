@@ -306,7 +306,7 @@ def run_study(study: Study, settings: dict, configs: dict[str, ModelConfig]) -> 
         while True:
             finals = {rid: r["final"] for rid, r in manifest["runs"].items() if r.get("final")}
             best = best_rates(a.arms, a.lrs, a.seeds[0], finals)
-            manifest["best_lr"] = best
+            manifest["best_lr"] = {**manifest.get("best_lr", {}), **best}  # others' kept
             pending = [r for r in plan_runs(a.arms, a.lrs, a.seeds, best)
                        if r.id not in finals and r.id not in running and r.id not in unfinished]
             while pending and len(running) < a.jobs:
@@ -525,9 +525,12 @@ def main(argv: list[str] | None = None) -> int:
                              settings["cache_dir"], name)  # once, before parallel runs
         manifest = study.manifest or {"version": MANIFEST_VERSION, "runs": {}}
         manifest["settings"] = settings
-        manifest["arms"] = {name: {"label": ARMS[name][0], "model": c.to_dict(),
-                                   "non_embedding_parameters": non_embedding_parameters(c)}
-                            for name, c in configs.items()}
+        # arms of earlier invocations stay in the report; the cumulative order, once each
+        arms = {**manifest.get("arms", {}),
+                **{name: {"label": ARMS[name][0], "model": c.to_dict(),
+                          "non_embedding_parameters": non_embedding_parameters(c)}
+                   for name, c in configs.items()}}
+        manifest["arms"] = {name: arms[name] for name in ARMS if name in arms}
         study.save_manifest(manifest)
         failed = run_study(study, settings, configs)
         _log(f"report: {write_report(study.dir, study.manifest)}")

@@ -215,6 +215,19 @@ def test_an_interrupted_study_resumes_to_the_uninterrupted_numbers_and_skips_fin
            "unfinished: dense_lr0.004_s0" in err and "not finished" not in err
 
 
+def test_an_invocation_for_other_arms_keeps_the_earlier_arms_in_the_report(tmp_path,
+                                                                          tokenizer_file):
+    """Adding an arm (or rates for some arms) later must not drop the others' rows."""
+    out = tmp_path / "study"
+    assert study.main(study_argv(tokenizer_file, out)) == 0  # dense
+    assert study.main(study_argv(tokenizer_file, out, "--arms", "fan")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["arms"]) == ["dense", "fan"]
+    assert manifest["best_lr"] == {"dense": 0.002, "fan": 0.002}
+    report = json.loads((out / "report.json").read_text())["arms"]
+    assert set(report) == {"dense", "fan"} and report["dense"]["best_lr"] == 0.002
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tokenizer_file, capsys):
     out = tmp_path / "study"
     argv = study_argv(tokenizer_file, out, "--dry_run", "--arms", "dense", "fan",
