@@ -48,15 +48,22 @@ def w8a8_linear(x: torch.Tensor, w8t: torch.Tensor, w_scale: torch.Tensor,
     whatever GEMM blocking the row count selects; the scaling is elementwise. The portable
     path, and the reference that `w8a8_kernel`'s oneDNN path must equal bit for bit.
     """
+    return _scaled_sums(x, lambda q: torch._int_mm(q, w8t).float(), w_scale, qmax)
+
+
+def _scaled_sums(x: torch.Tensor, int_sums, w_scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """x (M, K) quantized by rows, `int_sums(q)` (the exact int32 sums as fp32, (M, N)), then
+    the row scale and the channel scale, in this order: the one place that order is fixed,
+    so both GEMMs give the same bits."""
     q, sx = quantize_rows(x, qmax)
-    return torch._int_mm(q, w8t).float().mul_(sx).mul_(w_scale)
+    return int_sums(q).mul_(sx).mul_(w_scale)
 
 
 def _onednn_int8_sums(w8: torch.Tensor):
     """w8 (N, K) int8 -> a callable q (M, K) int8 -> (M, N) fp32 holding the exact int32
     sums q @ w8.T, through oneDNN's int8 linear on a weight prepacked once for this CPU
     (AMX or VNNI tiles). Scales of 1 and zero points of 0, so oneDNN only converts the sums
-    to fp32, as `.float()` does; the real scales are applied after, in `w8a8_linear`'s order."""
+    to fp32, as `.float()` does; the real scales are applied after, by `_scaled_sums`."""
     packed = torch.ops.onednn.qlinear_prepack(w8, None)
     ones = torch.ones(w8.shape[0], dtype=torch.float32, device=w8.device)
     zeros = torch.zeros(w8.shape[0], dtype=torch.long, device=w8.device)
@@ -98,11 +105,7 @@ def w8a8_kernel(w8: torch.Tensor, w_scale: torch.Tensor, qmax: int = 127):
     w_scale = w_scale.float()
     if w8.device.type == "cpu" and onednn_int8_exact():
         sums = _onednn_int8_sums(w8.contiguous())
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            q, sx = quantize_rows(x, qmax)
-            return sums(q).mul_(sx).mul_(w_scale)
-        return run
+        return lambda x: _scaled_sums(x, sums, w_scale, qmax)
     w8t = w8.T.contiguous()  # (K, N)
     return lambda x: w8a8_linear(x, w8t, w_scale, qmax)
 
