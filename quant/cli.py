@@ -182,8 +182,9 @@ def quantize(args) -> dict:
         cast_float_tensors(qmodel, torch.float32)  # compare with `before` in fp32 compute
         with weight_only_everywhere():  # the weights' own error (module docstring)
             after = _evaluate(qmodel, tokenizer, eval_text, args)
-            kernels = Counter(m.kernel_name(1) for m in qmodel.modules()
-                              if isinstance(m, QuantLinear))  # 3-bit and others: w8a8
+            kernels = None if after is None else dict(Counter(
+                m.kernel_name(1) for m in qmodel.modules()
+                if isinstance(m, QuantLinear)))  # 3-bit and others: w8a8
         bpb_before = None if before is None else before["bits_per_byte"]
         bpb_after = None if after is None else after["bits_per_byte"]
         report = {
@@ -196,7 +197,7 @@ def quantize(args) -> dict:
             # what was scored: predicted tokens and the UTF-8 bytes they stand for
             "eval_tokens_scored": None if after is None else after["tokens"],
             "eval_bytes_scored": None if after is None else after["bytes"],
-            "eval_kernels": dict(kernels),  # quantized layers scored on each kernel
+            "eval_kernels": kernels,  # quantized layers scored on each kernel; None: no eval
             "eval_text_bytes": len(eval_text.encode("utf-8")) if eval_text else None,
             "size_bytes_before": (source / WEIGHTS_FILE).stat().st_size,
             "size_bytes_after": (tmp / WEIGHTS_FILE).stat().st_size,
