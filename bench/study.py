@@ -150,15 +150,19 @@ def plan_runs(arms: list[str], lrs: list[float], seeds: list[int],
 
 
 def best_rates(arms: list[str], lrs: list[float], seed: int,
-               finals: dict[str, dict]) -> dict[str, float]:
+               runs: dict[str, dict]) -> dict[str, float]:
     """Each arm's rate with the lowest final eval bits/byte at the sweep seed, for arms
-    whose whole sweep has finished (`finals`: run id -> final metrics)."""
+    whose sweep over `lrs` has finished (`runs`: the manifest's run entries). Rates that
+    earlier invocations finished at that seed count too, so a later `--lrs` that names
+    only new rates cannot pick a rate that an earlier one already beat."""
+    scores = {(r["arm"], r["lr"]): r["final"]["eval_bits_per_byte"] for r in runs.values()
+              if r.get("final") and r["seed"] == seed and r["phase"] == "sweep"}
     best = {}
     for arm in arms:
-        ids = [Run(arm, lr, seed, "sweep").id for lr in lrs]
-        if all(i in finals for i in ids):
-            scores = {lr: finals[i]["eval_bits_per_byte"] for lr, i in zip(lrs, ids)}
-            best[arm] = min(lrs, key=lambda lr: (scores[lr] != scores[lr], scores[lr]))  # NaN last
+        if all((arm, lr) in scores for lr in lrs):
+            rates = sorted(lr for a, lr in scores if a == arm)
+            best[arm] = min(rates, key=lambda lr: (scores[arm, lr] != scores[arm, lr],  # NaN
+                                                   scores[arm, lr]))  # last
     return best
 
 
@@ -305,7 +309,7 @@ def run_study(study: Study, settings: dict, configs: dict[str, ModelConfig]) -> 
     try:
         while True:
             finals = {rid: r["final"] for rid, r in manifest["runs"].items() if r.get("final")}
-            best = best_rates(a.arms, a.lrs, a.seeds[0], finals)
+            best = best_rates(a.arms, a.lrs, a.seeds[0], manifest["runs"])
             manifest["best_lr"] = {**manifest.get("best_lr", {}), **best}  # others' kept
             pending = [r for r in plan_runs(a.arms, a.lrs, a.seeds, best)
                        if r.id not in finals and r.id not in running and r.id not in unfinished]
@@ -380,11 +384,12 @@ def dry_run(study: Study, settings: dict, configs: dict[str, ModelConfig]) -> No
     """Print the arms, the runs (done / to resume / to run) and an estimated wall time."""
     a, s = study.args, settings
     tokens_per_run = s["steps"] * s["batch_size"] * s["seq_len"]
-    finals = {}
+    runs = {}
     if study.manifest is not None:
         refresh(study.manifest, study.dir)  # in memory only: a dry run writes nothing
-        finals = {rid: r["final"] for rid, r in study.manifest["runs"].items() if r.get("final")}
-    best = best_rates(a.arms, a.lrs, a.seeds[0], finals)
+        runs = study.manifest["runs"]
+    finals = {rid: r["final"] for rid, r in runs.items() if r.get("final")}
+    best = best_rates(a.arms, a.lrs, a.seeds[0], runs)
     print(f"study {study.dir}: {len(a.arms)} arms x {len(a.lrs)} rates at seed {a.seeds[0]}, "
           f"then seeds {a.seeds[1:]} at each arm's best rate; {s['steps']} steps x "
           f"{s['batch_size']} x {s['seq_len']} = {tokens_per_run:,} tokens per run")

@@ -60,14 +60,28 @@ def test_a_subset_of_arms_keeps_the_cumulative_switches():
     assert (h.fan_p, h.cola_rank, h.norm, h.gated_residual) == (0.15, 16, "hybrid", False)
 
 
+def run(arm: str, lr: float, bpb: float, seed: int = 0, phase: str = "sweep"):
+    """(run id, manifest entry) of a finished run."""
+    entry = {"arm": arm, "lr": lr, "seed": seed, "phase": phase,
+             "final": {"eval_bits_per_byte": bpb}}
+    return study.Run(arm, lr, seed, phase).id, entry
+
+
+def test_the_best_rate_counts_the_rates_earlier_invocations_finished():
+    """`--lrs 0.016` alone, after a sweep at 2e-3 .. 8e-3, must not make 1.6e-2 the best."""
+    runs = dict([run("cola", 2e-3, 2.08), run("cola", 8e-3, 2.04), run("cola", 1.6e-2, 2.23),
+                 run("cola", 4e-3, 1.90, seed=1, phase="seeds")])  # other seeds never count
+    assert study.best_rates(["cola"], [1.6e-2], 0, runs) == {"cola": 8e-3}
+    assert study.best_rates(["cola"], [1.6e-2, 3.2e-2], 0, runs) == {}  # 3.2e-2 not run yet
+
+
 def test_sweep_first_then_the_other_seeds_at_each_arms_best_rate():
     arms, lrs, seeds = ["dense", "fan"], [1e-3, 2e-3, 4e-3], [0, 1, 2]
     sweep = study.plan_runs(arms, lrs, seeds, {})
     assert [(r.arm, r.lr, r.seed, r.phase) for r in sweep] == [
         (a, lr, 0, "sweep") for a in arms for lr in lrs]
-    finals = {study.Run("dense", lr, 0, "sweep").id: {"eval_bits_per_byte": v}
-              for lr, v in zip(lrs, [2.1, 2.0, math.nan])}  # a diverged run never wins
-    finals[study.Run("fan", 1e-3, 0, "sweep").id] = {"eval_bits_per_byte": 1.0}
+    finals = dict([run("dense", lr, v) for lr, v in zip(lrs, [2.1, 2.0, math.nan])]  # NaN:
+                  + [run("fan", 1e-3, 1.0)])  # a diverged run never wins
     best = study.best_rates(arms, lrs, 0, finals)
     assert best == {"dense": 2e-3}  # fan's sweep is not finished: no best rate yet
     runs = study.plan_runs(arms, lrs, seeds, best)
