@@ -39,6 +39,7 @@ def hf_load(directory: Path, attn: str = "sdpa"):
 
 @pytest.mark.parametrize("preset, overrides", [
     ("test", {}),  # HybridNorm*, FAN, CoLA, gates
+    ("test", {"cola_rank": 0}),  # HybridNorm*, FAN, gates, full-rank linears (the demo)
     ("transformer-test", {}),  # pre-norm, dense, no FAN, no gates
     ("test", {"fan_p": 0.0, "cola_rank": 0, "vocab_size": 500}),  # padded vocab
 ])
@@ -181,10 +182,12 @@ def test_old_format_loads_and_exports_to_the_shipped_demo(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- PEFT
-def test_peft_lora_on_the_cola_factors_learns(tmp_path):
+def test_peft_lora_on_the_attention_projections_learns(tmp_path):
     peft = pytest.importorskip("peft")
     model = hf_load(DEMO_CHECKPOINT)
-    config = peft.LoraConfig(r=4, target_modules=["qkv.a", "qkv.b", "o.a", "o.b"])
+    # every projection is a leaf nn.Linear: a CoLA layer's two factors, or the layer itself
+    targets = ["qkv.a", "qkv.b", "o.a", "o.b"] if model.config.cola_rank else ["qkv", "o"]
+    config = peft.LoraConfig(r=4, target_modules=targets)
     model = peft.get_peft_model(model, config)
     ids = torch.tensor([load_checkpoint(DEMO_CHECKPOINT)[1].encode(EVAL_TEXT.read_text())[:64]])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -27,16 +27,19 @@ def calib_file(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("rtn", ["--lm_head", "int8"]), ("int8", []), ("nf4", []),
-    ("gptq", ["--group_size", "32", "--desc_act"]), ("awq", ["--group_size", "32"])])
+@pytest.mark.parametrize("method,extra,overrides", [
+    ("rtn", ["--lm_head", "int8"], {}), ("int8", [], {}), ("nf4", [], {}),
+    ("gptq", ["--group_size", "32", "--desc_act"], {}), ("awq", ["--group_size", "32"], {}),
+    # FAN attention, HybridNorm and gates with full-rank linears (no CoLA): the demo's shape
+    ("gptq", ["--group_size", "32"], {"cola_rank": 0}),
+    ("awq", ["--group_size", "32"], {"cola_rank": 0})])
 def test_every_method_end_to_end(tmp_path, checkpoint_dir, tokenizer, calib_file, capsys,
-                                 method, extra):
+                                 method, extra, overrides):
     if method in ("gptq", "awq"):  # calibrate a bf16-stored checkpoint, as the demo is
         from fanformer.checkpoint import save_checkpoint
         from tests.conftest import make_model
 
-        checkpoint_dir = save_checkpoint(tmp_path / "bf16", make_model(), tokenizer,
+        checkpoint_dir = save_checkpoint(tmp_path / "bf16", make_model(**overrides), tokenizer,
                                          dtype=torch.bfloat16)
     out = tmp_path / "out"
     code = main(["--method", method, "--checkpoint", str(checkpoint_dir), "--output", str(out),
