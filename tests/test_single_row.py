@@ -13,9 +13,10 @@ from server.sampling import SamplingParams
 from server.single_row import SingleRowLinear, use_mv_for_single_rows
 from tests.conftest import make_model
 
-# (in, out) of the presets' bias-free linears: tiny / CoLA factors, transformer-64m, 92m, heads
-SHAPES = [(256, 64), (64, 768), (256, 8192), (512, 1024), (512, 2048), (2048, 512),
-          (768, 3072), (3072, 768), (512, 32000)]
+# (in, out) of the presets' bias-free linears: tiny's CoLA factors, tiny's full-rank layers
+# (with --cola_rank 0), transformer-64m, 92m, heads
+SHAPES = [(256, 64), (64, 768), (256, 218), (256, 512), (256, 768), (768, 256), (256, 8192),
+          (512, 1024), (512, 2048), (2048, 512), (768, 3072), (3072, 768), (512, 32000)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
