@@ -39,7 +39,7 @@ def hf_load(directory: Path, attn: str = "sdpa"):
 
 @pytest.mark.parametrize("preset, overrides", [
     ("test", {}),  # HybridNorm*, FAN, CoLA, gates
-    ("test", {"cola_rank": 0}),  # HybridNorm*, FAN, gates, full-rank linears (the demo)
+    ("test", {"cola_rank": 0}),  # HybridNorm*, FAN, gates, full-rank linears
     ("transformer-test", {}),  # pre-norm, dense, no FAN, no gates
     ("test", {"fan_p": 0.0, "cola_rank": 0, "vocab_size": 500}),  # padded vocab
 ])

@@ -30,7 +30,7 @@ def calib_file(tmp_path):
 @pytest.mark.parametrize("method,extra,overrides", [
     ("rtn", ["--lm_head", "int8"], {}), ("int8", [], {}), ("nf4", [], {}),
     ("gptq", ["--group_size", "32", "--desc_act"], {}), ("awq", ["--group_size", "32"], {}),
-    # FAN attention, HybridNorm and gates with full-rank linears (no CoLA): the demo's shape
+    # FAN attention, HybridNorm and gates with full-rank linears (no CoLA)
     ("gptq", ["--group_size", "32"], {"cola_rank": 0}),
     ("awq", ["--group_size", "32"], {"cola_rank": 0})])
 def test_every_method_end_to_end(tmp_path, checkpoint_dir, tokenizer, calib_file, capsys,
