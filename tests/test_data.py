@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -68,6 +69,11 @@ def test_token_cache_packs_documents_with_eos_and_is_reused(tmp_path, tokenizer)
     assert cache.tokens.dtype == np.uint16
     again = TokenCache.build([corpus], tokenizer, tmp_path / "cache", show_progress=False)
     assert again.path == cache.path  # same inputs and tokenizer: the same file, not rebuilt
+    moved = tmp_path / "moved.jsonl"  # a copy elsewhere, with a new mtime: same contents
+    moved.write_bytes(corpus.read_bytes())
+    os.utime(moved, (1, 1))
+    assert TokenCache.build([moved], tokenizer, tmp_path / "cache",
+                            show_progress=False).path == cache.path
     corpus.write_text(json.dumps({"text": "changed"}) + "\n")
     changed = TokenCache.build([corpus], tokenizer, tmp_path / "cache", show_progress=False)
     assert changed.path != cache.path
