@@ -22,6 +22,7 @@ import torch
 from bench_engine import build_model, byte_tokenizer, prompts
 
 import server.engine as engine_module
+from fanformer.checkpoint import load_checkpoint
 from quant.layers import QuantLinear
 from server.engine import EngineConfig, LLMEngine
 from server.sampling import SamplingParams
@@ -96,6 +97,9 @@ def profile(model, batch: int, mode: str, steps: int, fp32_logits: bool = False)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="transformer-64m")
+    p.add_argument("--checkpoint", default=None,
+                   help="profile this checkpoint's model (e.g. fanformer/assets/demo) "
+                        "instead of a random --preset")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--steps", type=int, default=24)
@@ -108,9 +112,12 @@ def main() -> None:
     if args.single_thread_max is not None:
         engine_module.SINGLE_THREAD_MAX_TOKENS = args.single_thread_max
     dtype = getattr(torch, args.dtype)
-    model = build_model(args.preset, dtype)
-    print(f"# {args.preset} {args.dtype}, {torch.get_num_threads()} threads, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.checkpoint:
+        model = load_checkpoint(args.checkpoint, dtype=dtype)[0].eval()
+    else:
+        model = build_model(args.preset, dtype)
+    print(f"# {args.checkpoint or args.preset} {args.dtype}, {torch.get_num_threads()} threads, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("| batch | mode | step ms | forward ms | linears alone ms | sampler ms | rest ms "
           "| tok/s | linears / step |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
