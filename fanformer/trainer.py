@@ -231,19 +231,19 @@ class Trainer:
         return Tokenizer.load(path)
 
     def _data(self, files: list[Path]) -> None:
-        """Tokenize once (rank 0 builds the caches, the other ranks then map them)."""
+        """Tokenize once: rank 0 builds (or finds) the caches, the other ranks map rank 0's
+        files (finding them themselves would hash the whole corpus once per rank)."""
         args, world = self.args, self.world
         cache_dir = Path(args.cache_dir or self.out_dir / "cache")
         eval_files = resolve_files([args.eval_file]) if args.eval_file else []
         caches: dict[str, TokenCache] = {}
-        for builder_turn in (True, False):
-            if builder_turn == world.is_main:
-                caches["train"] = TokenCache.build(files, self.tokenizer, cache_dir, "train",
-                                                   show_progress=world.is_main)
-                if eval_files:
-                    caches["eval"] = TokenCache.build(eval_files, self.tokenizer, cache_dir,
-                                                      "eval", show_progress=world.is_main)
-            dd.barrier(world)
+        if world.is_main:
+            caches["train"] = TokenCache.build(files, self.tokenizer, cache_dir, "train")
+            if eval_files:
+                caches["eval"] = TokenCache.build(eval_files, self.tokenizer, cache_dir, "eval")
+        paths = dd.gather_objects(world, {name: c.path for name, c in caches.items()})[0]
+        if not world.is_main:
+            caches = {name: TokenCache(path) for name, path in paths.items()}
         if eval_files:
             train_tokens, self.eval_tokens = caches["train"].tokens, caches["eval"].tokens
         else:
