@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fanformer.checkpoint import is_quantized, read_config
 from fanformer.config import PRESETS, ModelConfig
 from fanformer.data import DataError, resolve_files
 from fanformer.outputs import check_not_inside, check_output_dir
@@ -76,6 +77,11 @@ class TrainArgs:
                 "damaged newest one is skipped, with a warning)"})
     resume_from: str | None = field(default=None, metadata={
         "help": "continue from this checkpoint folder (<out_dir>/checkpoints/step_N)"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from this plain model checkpoint's weights (an export, the demo, a "
+                "step_N folder) with a fresh optimizer and schedule: continued pre-training "
+                "or fine-tuning; its config and tokenizer are used (no --preset, model flags "
+                "or --tokenizer)"})
     stop_at_step: int = field(default=0, metadata={
         "help": "save and stop after this step, keeping the --max_steps schedule"})
     max_minutes: float = field(default=0.0, metadata={
@@ -137,7 +143,7 @@ def check_args(args: TrainArgs, overrides: dict[str, Any]) -> tuple[TrainArgs, M
          f"--device must be cpu, cuda or auto, got {args.device!r}")
     if problems:
         raise ValueError("; ".join(problems))
-    config = ModelConfig.from_preset(args.preset, **overrides)  # bad shapes fail here
+    config = start_config(args, overrides)  # bad shapes and bad --init_from fail here
     seq_len = args.seq_len or config.max_seq_len
     if seq_len > config.max_seq_len:
         raise ValueError(f"--seq_len {seq_len} is above the model's context (max_seq_len "
@@ -160,3 +166,19 @@ def check_args(args: TrainArgs, overrides: dict[str, Any]) -> tuple[TrainArgs, M
         check_output_dir(args.export_dir, EXPORT_WRITER, "--export_dir", args.overwrite,
                          whole=True)
     return dataclasses.replace(args, seq_len=seq_len), config
+
+
+def start_config(args: TrainArgs, overrides: dict[str, Any]) -> ModelConfig:
+    """The model's shape: --init_from's config, else --preset with the model flags on top
+    (where the vocabulary size still follows the tokenizer). Raises ValueError or
+    CheckpointError with one sentence."""
+    if not args.init_from:
+        return ModelConfig.from_preset(args.preset, **overrides)
+    given = [f"--{name}" for name in overrides] + (["--tokenizer"] if args.tokenizer else [])
+    if given:
+        raise ValueError(f"--init_from takes the model's shape and tokenizer from "
+                         f"{args.init_from}; drop {', '.join(given)}")
+    if is_quantized(args.init_from):
+        raise ValueError(f"--init_from {args.init_from} is a quantized checkpoint; training "
+                         "needs the plain checkpoint it was quantized from")
+    return read_config(args.init_from)

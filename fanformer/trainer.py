@@ -29,7 +29,13 @@ from tqdm import tqdm
 
 from fanformer import distributed as dd
 from fanformer import trainer_state as ts
-from fanformer.checkpoint import CheckpointError, read_config, save_checkpoint
+from fanformer.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_tokenizer,
+    read_config,
+    save_checkpoint,
+)
 from fanformer.config import ModelConfig
 from fanformer.data import (
     DataError,
@@ -45,7 +51,7 @@ from fanformer.data import (
 from fanformer.model import FANformer
 from fanformer.outputs import MARKER, marker_text
 from fanformer.tokenizer import Tokenizer
-from fanformer.train_args import EXPORT_WRITER, TrainArgs
+from fanformer.train_args import EXPORT_WRITER, TrainArgs, start_config
 
 # Arguments a resumed run must share with the run it continues (else the data order, or
 # what the model sees of it, differs).
@@ -177,15 +183,17 @@ class Trainer:
                                   "continue that run, or choose another --out_dir")
         self.resume_dir = self._resume_dir()
         self.tokenizer = self._tokenizer(files, overrides.get("vocab_size"))
-        self.config = ModelConfig.from_preset(
-            args.preset, **{**overrides, "vocab_size": self.tokenizer.vocab_size})
+        self.config = start_config(args, overrides) if args.init_from else \
+            ModelConfig.from_preset(args.preset,
+                                    **{**overrides, "vocab_size": self.tokenizer.vocab_size})
         if self.resume_dir is not None:
             saved = read_config(self.resume_dir)
             if saved != self.config:
                 diff = [k for k, v in self.config.to_dict().items() if saved.to_dict()[k] != v]
                 raise CheckpointError(
                     f"{self.resume_dir} was trained with a different model config (differs in "
-                    f"{', '.join(diff)}); pass the same --preset and model flags")
+                    f"{', '.join(diff)}); pass the same --preset and model flags (or "
+                    "--init_from)")
         self._data(files)
         self._model()
 
@@ -211,9 +219,12 @@ class Trainer:
         return None
 
     def _tokenizer(self, files: list[Path], vocab_size: int | None) -> Tokenizer:
-        """The checkpoint's tokenizer on resume, else --tokenizer, else train one (rank 0)."""
+        """The checkpoint's tokenizer on resume, else --init_from's, else --tokenizer, else
+        train one (rank 0)."""
         if self.resume_dir is not None:
             return Tokenizer.load(self.resume_dir)
+        if self.args.init_from:
+            return load_tokenizer(self.args.init_from)
         if self.args.tokenizer:  # train_args.check_args checked that it exists
             return Tokenizer.load(self.args.tokenizer)
         path = self.out_dir / "tokenizer.json"
@@ -269,7 +280,10 @@ class Trainer:
     def _model(self) -> None:
         args, world, device = self.args, self.world, self.device
         torch.manual_seed(args.seed)
-        self.model = FANformer(self.config).to(device).train()
+        if args.init_from and self.resume_dir is None:  # a resume has these weights' heirs
+            self.model = load_checkpoint(args.init_from, device, torch.float32)[0].train()
+        else:
+            self.model = FANformer(self.config).to(device).train()
         self.optimizer = make_optimizer(self.model, args)
         self.run_args = {**dataclasses.asdict(args), "world_size": world.size,
                          "max_steps": self.max_steps}
