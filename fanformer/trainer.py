@@ -376,7 +376,8 @@ class Trainer:
         """Train to --max_steps (or --stop_at_step, a signal, --max_minutes); return a summary."""
         args, world = self.args, self.world
         if world.is_main:
-            _log(f"model {args.preset}: {self.model.num_parameters():,} parameters; "
+            source = f"from {args.init_from}" if args.init_from else args.preset
+            _log(f"model {source}: {self.model.num_parameters():,} parameters; "
                  f"{self.batches.n_windows * args.seq_len:,} training tokens, "
                  f"{len(self.eval_tokens):,} eval tokens; global batch {self.global_batch} x "
                  f"{args.seq_len} tokens; {self.max_steps} steps from step {self.step}; "
