@@ -30,10 +30,12 @@ from tqdm import tqdm
 from fanformer import distributed as dd
 from fanformer import trainer_state as ts
 from fanformer.checkpoint import (
+    CONFIG_FILE,
     CheckpointError,
     load_checkpoint,
     load_tokenizer,
     read_config,
+    read_json,
     save_checkpoint,
 )
 from fanformer.config import ModelConfig
@@ -316,6 +318,14 @@ class Trainer:
     def tokens_at(self, step: int) -> int:
         return step * self.global_batch * self.args.seq_len
 
+    def source_tokens(self) -> int:
+        """Tokens the --init_from model was trained on (its export metadata; else 0), so an
+        export counts every token behind its weights."""
+        if not self.args.init_from:
+            return 0
+        metadata = read_json(self.args.init_from, CONFIG_FILE).get("metadata") or {}
+        return int(metadata.get("trained_tokens", 0))
+
     def evaluate(self, max_tokens: int | None) -> dict[str, Any]:
         return evaluate_tokens(self.model, self.eval_tokens, self.byte_lengths,
                                self.args.seq_len, max_tokens=max_tokens,
@@ -459,7 +469,8 @@ class Trainer:
         if self.args.export_dir:
             save_checkpoint(self.args.export_dir, self.model, self.tokenizer,
                             dtype=torch.bfloat16,
-                            metadata={"trained_tokens": self.tokens_at(self.step),
+                            metadata={"trained_tokens": self.source_tokens() +
+                                      self.tokens_at(self.step),
                                       "eval_bits_per_byte": result["bits_per_byte"]},
                             extra_files={MARKER: marker_text(EXPORT_WRITER)})
             _log(f"exported {self.args.export_dir} (bf16, model + tokenizer)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -46,10 +47,15 @@ def test_init_from_starts_from_the_checkpoints_weights(tmp_path, source):
 
 def test_init_from_continues_training_where_the_source_left_off(tmp_path, source,
                                                                 tokenizer_file):
-    """The first loss of a continued run is that of a trained model, not of a random one."""
-    assert main(continued(source, tmp_path / "continued")) == 0
+    """The first loss of a continued run is that of a trained model, not of a random one;
+    its export counts the source's tokens and its own."""
+    export = tmp_path / "export"
+    assert main(continued(source, tmp_path / "continued", "--export_dir", str(export))) == 0
     assert main(common(tokenizer_file, tmp_path / "scratch")) == 0
     assert losses(tmp_path / "continued")[1] < losses(tmp_path / "scratch")[1] - 0.2
+    trained = [json.loads((d / "config.json").read_text())["metadata"]["trained_tokens"]
+               for d in (source, export)]
+    assert trained == [8 * 2 * 2 * 32, 8 * 2 * 2 * 32 + 8 * 2 * 32]
 
 
 def test_an_init_from_run_resumes_exactly(tmp_path, source):
