@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-QUANT_CONFIG_FILE = "quant_config.json"
+from fanformer.checkpoint import QUANT_CONFIG_FILE  # the name plain loading checks for
+
 METHODS = ("gptq", "awq", "rtn", "int8", "nf4")
 FORMATS = ("gptq", "awq", "int8", "nf4")
 LM_HEAD_CHOICES = ("none", "int8", "int4")
