@@ -50,13 +50,19 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `target` by rename.
 
     On an exception the temporary directory is removed and `target` is left untouched.
+    The result gets the modes a plain `mkdir` and `open` would give under the umask
+    (mkdtemp makes 0700, safetensors writes 0600), so another account that may read the
+    parent folder (a server's user, a container) may read the checkpoint too.
     """
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        umask = current_umask()
+        os.chmod(tmp, 0o777 & ~umask)
         for file in tmp.iterdir():  # make the contents durable before the rename
+            os.chmod(file, 0o666 & ~umask)
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
         old = None
@@ -70,6 +76,13 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _fsync_dir(path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -112,6 +114,19 @@ def test_atomic_save_leaves_the_old_checkpoint_on_failure(checkpoint_dir, tokeni
     assert [p.name for p in checkpoint_dir.parent.iterdir()] == ["ckpt"]
     save_checkpoint(checkpoint_dir, make_model(seed=1), tokenizer)  # overwrite works
     assert (checkpoint_dir / "model.safetensors").read_bytes() != before
+
+
+def test_a_saved_checkpoint_is_readable_under_the_umask_like_any_file(tmp_path, tokenizer):
+    """Not mkdtemp's 0700 nor safetensors' 0600: a server running as another user (or a
+    container) must be able to read an export when the umask lets it."""
+    previous = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ckpt", make_model(), tokenizer)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
 
 
 def _truncate(path):
