@@ -178,6 +178,9 @@ def start_config(args: TrainArgs, overrides: dict[str, Any]) -> ModelConfig:
     if given:
         raise ValueError(f"--init_from takes the model's shape and tokenizer from "
                          f"{args.init_from}; drop {', '.join(given)}")
+    if args.export_dir and Path(args.export_dir).resolve() == Path(args.init_from).resolve():
+        raise ValueError(f"--export_dir {args.export_dir} is the --init_from checkpoint; the "
+                         "export would replace the model this run starts from")
     if is_quantized(args.init_from):
         raise ValueError(f"--init_from {args.init_from} is a quantized checkpoint; training "
                          "needs the plain checkpoint it was quantized from")

@@ -73,6 +73,8 @@ def test_an_init_from_run_resumes_exactly(tmp_path, source):
     (["--d_model", "32", "--dropout", "0.1"], "drop --d_model, --dropout"),
     (["--init_from", "{tmp}/nowhere"], "does not exist"),
     (["--init_from", "{tmp}/quantized"], "is a quantized checkpoint"),
+    (["--init_from", "{tmp}/quantized", "--export_dir", "{tmp}/quantized/"],
+     "the export would replace the model this run starts from"),
 ])
 def test_init_from_conflicts_are_one_line_before_any_work(tmp_path, source, tokenizer_file,
                                                           capsys, extra, message):
