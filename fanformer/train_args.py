@@ -80,8 +80,8 @@ class TrainArgs:
     init_from: str | None = field(default=None, metadata={
         "help": "start from this plain model checkpoint's weights (an export, the demo, a "
                 "step_N folder) with a fresh optimizer and schedule: continued pre-training "
-                "or fine-tuning; its config and tokenizer are used (no --preset, model flags "
-                "or --tokenizer)"})
+                "or fine-tuning; its config and tokenizer are used (no --preset, --tokenizer "
+                "or model flags but --dropout)"})
     stop_at_step: int = field(default=0, metadata={
         "help": "save and stop after this step, keeping the --max_steps schedule"})
     max_minutes: float = field(default=0.0, metadata={
@@ -168,13 +168,19 @@ def check_args(args: TrainArgs, overrides: dict[str, Any]) -> tuple[TrainArgs, M
     return dataclasses.replace(args, seq_len=seq_len), config
 
 
+#: Model fields that change training only, not the weights or what they compute in eval
+#: mode: these may be set on top of an --init_from checkpoint's config.
+TRAINING_ONLY_FIELDS = ("dropout",)
+
+
 def start_config(args: TrainArgs, overrides: dict[str, Any]) -> ModelConfig:
-    """The model's shape: --init_from's config, else --preset with the model flags on top
-    (where the vocabulary size still follows the tokenizer). Raises ValueError or
-    CheckpointError with one sentence."""
+    """The model's shape: --init_from's config (with --dropout on top if given), else
+    --preset with the model flags on top (where the vocabulary size still follows the
+    tokenizer). Raises ValueError or CheckpointError with one sentence."""
     if not args.init_from:
         return ModelConfig.from_preset(args.preset, **overrides)
-    given = [f"--{name}" for name in overrides] + (["--tokenizer"] if args.tokenizer else [])
+    given = [f"--{name}" for name in overrides if name not in TRAINING_ONLY_FIELDS] + (
+        ["--tokenizer"] if args.tokenizer else [])
     if given:
         raise ValueError(f"--init_from takes the model's shape and tokenizer from "
                          f"{args.init_from}; drop {', '.join(given)}")
@@ -184,4 +190,4 @@ def start_config(args: TrainArgs, overrides: dict[str, Any]) -> ModelConfig:
     if is_quantized(args.init_from):
         raise ValueError(f"--init_from {args.init_from} is a quantized checkpoint; training "
                          "needs the plain checkpoint it was quantized from")
-    return read_config(args.init_from)
+    return dataclasses.replace(read_config(args.init_from), **overrides)

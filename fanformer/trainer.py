@@ -282,10 +282,10 @@ class Trainer:
     def _model(self) -> None:
         args, world, device = self.args, self.world, self.device
         torch.manual_seed(args.seed)
+        self.model = FANformer(self.config).to(device).train()
         if args.init_from and self.resume_dir is None:  # a resume has these weights' heirs
-            self.model = load_checkpoint(args.init_from, device, torch.float32)[0].train()
-        else:
-            self.model = FANformer(self.config).to(device).train()
+            source = load_checkpoint(args.init_from, device, torch.float32)[0]
+            self.model.load_state_dict(source.state_dict())  # self.config may add dropout
         self.optimizer = make_optimizer(self.model, args)
         self.run_args = {**dataclasses.asdict(args), "world_size": world.size,
                          "max_steps": self.max_steps}

@@ -59,10 +59,15 @@ def test_init_from_continues_training_where_the_source_left_off(tmp_path, source
 
 
 def test_an_init_from_run_resumes_exactly(tmp_path, source):
-    """The same command plus --resume continues from the run's checkpoint, not the source."""
-    assert main(continued(source, tmp_path / "straight")) == 0
-    assert main(continued(source, tmp_path / "split", "--stop_at_step", "4")) == 0
-    assert main(continued(source, tmp_path / "split", "--resume")) == 0
+    """The same command plus --resume continues from the run's checkpoint, not the source;
+    --dropout (training only) may be set on top of the source's config, and is used."""
+    dropout = ("--dropout", "0.2")
+    assert main(continued(source, tmp_path / "straight", *dropout)) == 0
+    assert main(continued(source, tmp_path / "split", *dropout, "--stop_at_step", "4")) == 0
+    assert main(continued(source, tmp_path / "split", *dropout, "--resume")) == 0
+    assert read_config(tmp_path / "split" / STEP_8).dropout == 0.2
+    assert main(continued(source, tmp_path / "no_dropout")) == 0
+    assert losses(tmp_path / "no_dropout")[1] != pytest.approx(losses(tmp_path / "straight")[1])
     straight, split = losses(tmp_path / "straight"), losses(tmp_path / "split")
     assert sorted(split) == list(range(1, 9))
     assert split == pytest.approx(straight, rel=1e-6)
@@ -70,7 +75,7 @@ def test_an_init_from_run_resumes_exactly(tmp_path, source):
 
 @pytest.mark.parametrize("extra, message", [
     (["--tokenizer", "{tokenizer}"], "drop --tokenizer"),
-    (["--d_model", "32", "--dropout", "0.1"], "drop --d_model, --dropout"),
+    (["--d_model", "32", "--fan_p", "0.2"], "drop --d_model, --fan_p"),
     (["--init_from", "{tmp}/nowhere"], "does not exist"),
     (["--init_from", "{tmp}/quantized"], "is a quantized checkpoint"),
     (["--init_from", "{tmp}/quantized", "--export_dir", "{tmp}/quantized/"],
