@@ -143,6 +143,10 @@ def check_args(args: TrainArgs, overrides: dict[str, Any]) -> tuple[TrainArgs, M
          f"--device must be cpu, cuda or auto, got {args.device!r}")
     if problems:
         raise ValueError("; ".join(problems))
+    if args.init_from and args.export_dir and \
+            Path(args.export_dir).resolve() == Path(args.init_from).resolve():
+        raise ValueError(f"--export_dir {args.export_dir} is the --init_from checkpoint; the "
+                         "export would replace the model this run starts from")
     config = start_config(args, overrides)  # bad shapes and bad --init_from fail here
     seq_len = args.seq_len or config.max_seq_len
     if seq_len > config.max_seq_len:
@@ -173,20 +177,19 @@ def check_args(args: TrainArgs, overrides: dict[str, Any]) -> tuple[TrainArgs, M
 TRAINING_ONLY_FIELDS = ("dropout",)
 
 
-def start_config(args: TrainArgs, overrides: dict[str, Any]) -> ModelConfig:
+def start_config(args: TrainArgs, overrides: dict[str, Any],
+                 vocab_size: int | None = None) -> ModelConfig:
     """The model's shape: --init_from's config (with --dropout on top if given), else
-    --preset with the model flags on top (where the vocabulary size still follows the
-    tokenizer). Raises ValueError or CheckpointError with one sentence."""
+    --preset with the model flags on top and, once the tokenizer is known, its
+    `vocab_size`. Raises ValueError or CheckpointError with one sentence."""
     if not args.init_from:
-        return ModelConfig.from_preset(args.preset, **overrides)
+        vocab = {"vocab_size": vocab_size} if vocab_size else {}
+        return ModelConfig.from_preset(args.preset, **{**overrides, **vocab})
     given = [f"--{name}" for name in overrides if name not in TRAINING_ONLY_FIELDS] + (
         ["--tokenizer"] if args.tokenizer else [])
     if given:
         raise ValueError(f"--init_from takes the model's shape and tokenizer from "
                          f"{args.init_from}; drop {', '.join(given)}")
-    if args.export_dir and Path(args.export_dir).resolve() == Path(args.init_from).resolve():
-        raise ValueError(f"--export_dir {args.export_dir} is the --init_from checkpoint; the "
-                         "export would replace the model this run starts from")
     if is_quantized(args.init_from):
         raise ValueError(f"--init_from {args.init_from} is a quantized checkpoint; training "
                          "needs the plain checkpoint it was quantized from")

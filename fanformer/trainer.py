@@ -185,9 +185,7 @@ class Trainer:
                                   "continue that run, or choose another --out_dir")
         self.resume_dir = self._resume_dir()
         self.tokenizer = self._tokenizer(files, overrides.get("vocab_size"))
-        self.config = start_config(args, overrides) if args.init_from else \
-            ModelConfig.from_preset(args.preset,
-                                    **{**overrides, "vocab_size": self.tokenizer.vocab_size})
+        self.config = start_config(args, overrides, self.tokenizer.vocab_size)
         if self.resume_dir is not None:
             saved = read_config(self.resume_dir)
             if saved != self.config:
