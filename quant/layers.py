@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant import int4_cpu
 from quant.packing import unpack_awq, unpack_gptq
 from quant.w8a8 import activation_qmax, per_channel_int8, w8a8_kernel
 
@@ -50,6 +51,9 @@ from quant.w8a8 import activation_qmax, per_channel_int8, w8a8_kernel
 # Default: weight-only while rows x in_features x out_features is at most this, w8a8 above
 # (the crossover measured with bench/bench_quant_kernels.py, docs/QUANTIZATION.md).
 WEIGHT_ONLY_MAX_WORK = 1 << 21
+# The same bound for layers on the native 4-bit kernel (quant/int4_cpu.py), which stays
+# ahead of w8a8 up to about 64 rows of a 512 x 2048 layer and 4 rows of a 32k-vocabulary head
+NATIVE_MAX_WORK = 1 << 26
 # batch_invariant: layers with at least this many weights run w8a8 at every row count,
 # smaller ones their weight-only kernel.
 W8A8_MIN_WEIGHTS = 1 << 18
@@ -61,13 +65,13 @@ NF4_BLOCK = 64  # bitsandbytes' default blocksize for 4-bit
 def weight_only_everywhere():
     """Within: every layer that has a weight-only kernel runs it at every row count (what
     benchmarks compare the default policy against); the policy is restored after."""
-    global WEIGHT_ONLY_MAX_WORK, W8A8_MIN_WEIGHTS
-    saved = WEIGHT_ONLY_MAX_WORK, W8A8_MIN_WEIGHTS
-    WEIGHT_ONLY_MAX_WORK = W8A8_MIN_WEIGHTS = 1 << 62
+    global WEIGHT_ONLY_MAX_WORK, NATIVE_MAX_WORK, W8A8_MIN_WEIGHTS
+    saved = WEIGHT_ONLY_MAX_WORK, NATIVE_MAX_WORK, W8A8_MIN_WEIGHTS
+    WEIGHT_ONLY_MAX_WORK = NATIVE_MAX_WORK = W8A8_MIN_WEIGHTS = 1 << 62
     try:
         yield
     finally:
-        WEIGHT_ONLY_MAX_WORK, W8A8_MIN_WEIGHTS = saved
+        WEIGHT_ONLY_MAX_WORK, NATIVE_MAX_WORK, W8A8_MIN_WEIGHTS = saved
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -111,17 +115,27 @@ class QuantLinear(nn.Module):
 
     def kernel_name(self, rows: int) -> str:
         """'weight-only' or 'w8a8': what this layer runs on CPU for an input of `rows` rows.
-        Weight-only (where the format has a kernel) while rows x weights is at most
-        WEIGHT_ONLY_MAX_WORK; with batch_invariant, at every row count for layers under
-        W8A8_MIN_WEIGHTS weights; else w8a8."""
+        Weight-only (where the format has a kernel) while rows x weights is within
+        `weight_only_budget()`; with batch_invariant, at every row count for layers on the
+        native kernel or under W8A8_MIN_WEIGHTS weights; else w8a8."""
+        budget = self.weight_only_budget()
         weights = self.in_features * self.out_features
-        if self.batch_invariant:
-            weight_only = weights < W8A8_MIN_WEIGHTS
+        if self.batch_invariant:  # the native kernel is fast enough at every row count
+            weight_only = budget > 0 and (self.runs_native() or weights < W8A8_MIN_WEIGHTS)
         else:
-            weight_only = rows * weights <= WEIGHT_ONLY_MAX_WORK
-        if weight_only and self._kernel("weight-only") is not None:
-            return "weight-only"
-        return "w8a8"
+            weight_only = rows * weights <= budget
+        return "weight-only" if weight_only else "w8a8"
+
+    def runs_native(self) -> bool:
+        """Whether the weight-only kernel is the native 4-bit one (quant/int4_cpu.py)."""
+        return isinstance(self._kernel("weight-only"), int4_cpu.Int4Kernel)
+
+    def weight_only_budget(self) -> int:
+        """The most multiply-adds (rows x weights) a call may have and still run the
+        weight-only kernel by default: 0 where there is none."""
+        if self._kernel("weight-only") is None:
+            return 0
+        return NATIVE_MAX_WORK if self.runs_native() else WEIGHT_ONLY_MAX_WORK
 
     # ---- kernels, built lazily and dropped whenever the buffers change ----
     def _kernel(self, name):
@@ -240,6 +254,8 @@ class _GroupedLinear(QuantLinear):
             codes, g = codes[perm], g[perm]
             if not torch.equal(g, contiguous):
                 return None  # groups of unequal size: no aten layout for that
+        if int4_cpu.library() is not None and codes.device.type == "cpu":
+            return int4_cpu.Int4Kernel(codes, zeros, scales, gs, perm)
         pad = -n % 16  # the int4 kernel needs N to be a multiple of 16
         codes = F.pad(codes.T, (0, 0, 0, pad)).contiguous()  # (N + pad, K)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from quant import int4_cpu, w8a8
 from quant import layers as qlayers
-from quant import w8a8
 from quant.convert import awq_layer, gptq_layer
 from quant.layers import Int8Linear, NF4Linear, bnb
 from quant.packing import (
@@ -110,11 +110,17 @@ def _layers():
     yield "nf4", NF4Linear.from_float(_weight(64, 256), None)
 
 
-@pytest.fixture(params=["weight-only", "w8a8"])
+@pytest.fixture(params=["weight-only", "native", "w8a8"])
 def kernel(request, monkeypatch):
     """Run a test under each kernel family: the size threshold moved so that every layer
-    that has a weight-only kernel uses it, or so that every layer runs w8a8 (as a batch
-    invariant layer does at any row count)."""
+    that has a weight-only kernel uses it (aten's, or the native 4-bit one where this CPU
+    runs it), or so that every layer runs w8a8 (as a batch invariant layer does at any row
+    count)."""
+    if request.param == "native":
+        if int4_cpu.library() is None:
+            pytest.skip("the native 4-bit kernel does not run here")
+    else:
+        monkeypatch.setattr(int4_cpu, "library", lambda: None)
     monkeypatch.setattr(qlayers, "W8A8_MIN_WEIGHTS", 0 if request.param == "w8a8" else 1 << 40)
     monkeypatch.setattr(qlayers.QuantLinear, "batch_invariant", True)
     return request.param
@@ -137,24 +143,31 @@ def test_kernels_match_reference(rows, kernel, device):
 
 def test_kernel_follows_the_work_of_the_call_unless_batch_invariant(monkeypatch):
     """By default a layer runs its weight-only kernel while rows x weights is at most
-    WEIGHT_ONLY_MAX_WORK and w8a8 beyond (3-bit GPTQ has no weight-only kernel: always
-    w8a8). With batch_invariant, one kernel at every row count: weight-only under
-    W8A8_MIN_WEIGHTS weights, w8a8 from there."""
+    WEIGHT_ONLY_MAX_WORK (NATIVE_MAX_WORK on the native 4-bit kernel) and w8a8 beyond
+    (3-bit GPTQ has no weight-only kernel: always w8a8). With batch_invariant, one kernel
+    at every row count: the native kernel, else weight-only under W8A8_MIN_WEIGHTS
+    weights, w8a8 from there."""
     head = gptq_layer(rtn_quantize(_weight(1024, 256), 4, 64), None, 4, 64)  # 2^18 weights
+    native = int4_cpu.library() is not None
     for name, layer in [*_layers(), ("head", head)]:
         weights = layer.in_features * layer.out_features
-        edge = qlayers.WEIGHT_ONLY_MAX_WORK // weights  # the most rows weight-only takes
-        got = [layer.kernel_name(r) for r in (1, edge, edge + 1, 4096)]
+        four_bit = name in ("gptq", "gptq-act-order", "awq", "head")
+        budget = qlayers.NATIVE_MAX_WORK if native and four_bit else qlayers.WEIGHT_ONLY_MAX_WORK
+        assert layer.runs_native() == (native and four_bit), name
+        edge = budget // weights  # the most rows weight-only takes
+        got = [layer.kernel_name(r) for r in (1, edge, edge + 1, 1 << 22)]
         if name == "gptq-3bit":
             assert set(got) == {"w8a8"}, name
         else:
             assert got == ["weight-only"] * 2 + ["w8a8"] * 2, name
         monkeypatch.setattr(layer, "batch_invariant", True)
         invariant = "weight-only" if weights < qlayers.W8A8_MIN_WEIGHTS else "w8a8"
+        if native and four_bit:
+            invariant = "weight-only"
         if name == "gptq-3bit":
             invariant = "w8a8"
-        assert {layer.kernel_name(r) for r in (1, edge, edge + 1, 4096)} == {invariant}, name
-    assert head.kernel_name(1) == "w8a8"  # it is the big one
+        assert {layer.kernel_name(r) for r in (1, edge, edge + 1, 1 << 22)} == {invariant}, name
+    assert head.kernel_name(1) == ("weight-only" if native else "w8a8")  # it is the big one
     policy = qlayers.WEIGHT_ONLY_MAX_WORK, qlayers.W8A8_MIN_WEIGHTS
     with qlayers.weight_only_everywhere():
         assert head.kernel_name(4096) == "weight-only"

@@ -1,0 +1,175 @@
+"""The native 4-bit CPU kernel (quant/int4_cpu.c): build, load, pack, call.
+
+Why our own kernel: at 1-16 rows a 4-bit linear is memory- and overhead-bound, and aten's
+`_weight_int4pack_mm_for_cpu` (bf16 math, one weight decode per row) or the w8a8 path (a
+dozen aten ops a call: quantize, GEMM, two scalings, casts) leave most of a decode step to
+per-op overhead (docs/ENGINE.md). This one does the whole linear in one OpenMP region:
+each row quantized to int8 per weight group, VPDPBUSD dot products on the 4-bit codes,
+the scales, the output in x's dtype. Its rows never mix, so it is batch-invariant at every
+row count.
+
+The C source ships with the package and is compiled on first use with the system's C
+compiler into a per-user cache (`$FANFORMER_KERNEL_CACHE`, else
+`~/.cache/fanformer/kernels`), keyed by the source, the compiler and the flags; the file is
+written atomically, so concurrent servers share it. It needs x86-64 Linux with AVX-512 BW
+and VNNI; elsewhere, without a compiler, or with `FANFORMER_NATIVE_KERNELS=0`, `library()`
+returns None and the layers keep aten's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int4_cpu.c")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma",
+         "-fopenmp", "-fPIC", "-shared"]
+NEEDED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+BLOCK = 16  # output channels per block (the C file's BLOCK)
+DISABLE_ENV = "FANFORMER_NATIVE_KERNELS"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("FANFORMER_KERNEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fanformer" / "kernels"
+
+
+def _compile(compiler: str) -> Path:
+    """The shared library for this source, compiler and flags; built once per key."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *FLAGS]).encode())
+    target = cache_dir() / f"int4_cpu-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True,
+                       text=True, check=True)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)  # atomic: a concurrent build leaves one complete file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None where it cannot run here (the reason is logged
+    once)."""
+    why = None
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        why = f"{DISABLE_ENV}=0"
+    elif platform.system() != "Linux" or platform.machine() != "x86_64":
+        why = "not x86-64 Linux"
+    elif not NEEDED_CPU_FLAGS <= cpu_flags():
+        why = f"the CPU lacks {', '.join(sorted(NEEDED_CPU_FLAGS - cpu_flags()))}"
+    elif compiler is None:
+        why = "no C compiler (gcc) found"
+    if why is None:
+        try:
+            lib = ctypes.CDLL(str(_compile(compiler)))
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", None) or str(e)
+            why = f"building it failed: {detail.strip().splitlines()[-1] if detail else e}"
+        else:
+            fn = lib.fanformer_w4a8_linear
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                           ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+            return lib
+    log.info("native 4-bit CPU kernel off (%s): 4-bit layers use aten's kernels", why)
+    return None
+
+
+def pack(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes (K, N) in 0..15, zeros (G, N), scales (G, N) -> the kernel's tensors: packed
+    uint8 (Np / 16, K / 8, 16, 4), scale and minus_zs fp32 (G, Np), N padded to Np."""
+    k, n = codes.shape
+    pad = -n % BLOCK
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad))  # (K, Np)
+    c = c.reshape(k // 8, 2, 4, -1, BLOCK)  # (k8, half, i, block, j): input 8*k8 + 4*half + i
+    packed = (c[:, 0] | (c[:, 1] << 4)).permute(2, 0, 3, 1).contiguous()  # (block, k8, j, i)
+    scale = torch.nn.functional.pad(scales.float(), (0, pad)).contiguous()
+    minus_zs = torch.nn.functional.pad(-zeros.float() * scales.float(), (0, pad)).contiguous()
+    return packed, scale, minus_zs
+
+
+def reference(x: torch.Tensor, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+              group_size: int) -> torch.Tensor:
+    """What the kernel computes, in float64 torch (the tests' oracle): x (M, K) -> (M, N)."""
+    m, k = x.shape
+    xg = x.double().reshape(m, k // group_size, group_size)  # (M, G, gs)
+    amax = xg.float().abs().amax(-1, keepdim=True)  # (M, G, 1), fp32 as in the kernel
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(xg.float() * inv).double()  # (M, G, gs)
+    a_scale, a_sum = (amax / 127).double(), q.sum(-1, keepdim=True)  # (M, G, 1)
+    cg = codes.double().reshape(k // group_size, group_size, -1)  # (G, gs, N)
+    dots = torch.einsum("mgk,gkn->mgn", q, cg)  # (M, G, N)
+    per_group = scales.double() * dots - (zeros.double() * scales.double()) * a_sum
+    return (a_scale * per_group).sum(1)  # (M, N)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minus_zs: torch.Tensor,
+           n: int, group_size: int) -> torch.Tensor:
+    """x (M, K) fp32 or bf16, contiguous -> (M, n) in x's dtype, on torch's thread count."""
+    m, k = x.shape
+    # raw pointers: a wrong tensor would be read out of bounds, so check what is cheap
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) \
+            or not x.is_contiguous() or k != packed.shape[1] * 8:
+        raise ValueError(f"int4_cpu.linear: x must be a contiguous CPU bf16/fp32 (M, "
+                         f"{packed.shape[1] * 8}) tensor, got {x.dtype} {tuple(x.shape)} "
+                         f"on {x.device}")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    rc = library().fanformer_w4a8_linear(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, packed.data_ptr(),
+        scale.data_ptr(), minus_zs.data_ptr(), n, scale.shape[1], group_size, y.data_ptr(),
+        torch.get_num_threads())
+    if rc:
+        raise MemoryError("fanformer_w4a8_linear could not allocate its workspace")
+    return y
+
+
+class Int4Kernel:
+    """A layer's weights in the kernel's layout, called like the other weight-only kernels:
+    x (M, K) bf16 or fp32 -> (M, N) in x's dtype. `perm` (act-order GPTQ) reorders x's
+    inputs to the codes' contiguous groups."""
+
+    def __init__(self, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                 group_size: int, perm: torch.Tensor | None = None):
+        self.n, self.group_size, self.perm = codes.shape[1], group_size, perm
+        self.packed, self.scale, self.minus_zs = pack(codes, zeros, scales, group_size)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x[:, self.perm]
+        return linear(x.contiguous(), self.packed, self.scale, self.minus_zs, self.n,
+                      self.group_size)

@@ -1,0 +1,126 @@
+"""The native 4-bit kernel (quant/int4_cpu.c): it computes what its float64 oracle says,
+keeps rows apart bitwise at every row count and thread count, rounds bf16 output as torch
+does, builds once into its cache, and is off (aten's kernels instead) where it cannot run."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quant import int4_cpu
+
+needs_kernel = pytest.mark.skipif(int4_cpu.library() is None,
+                                  reason="the native 4-bit kernel does not run here")
+
+
+def _weights(k, n, group_size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (k, n), generator=g)  # (K, N)
+    zeros = torch.randint(0, 16, (k // group_size, n), generator=g)  # (G, N)
+    scales = torch.rand(k // group_size, n, generator=g) * 0.01 + 1e-4  # (G, N)
+    return codes, zeros, scales
+
+
+@needs_kernel
+@pytest.mark.parametrize("k, n, group_size", [(256, 48, 64), (512, 100, 128), (256, 16, 32),
+                                              (512, 40, 256)])
+def test_matches_the_float64_oracle(k, n, group_size):
+    """N not a multiple of 16 (the masked last block), every group size the layers use."""
+    codes, zeros, scales = _weights(k, n, group_size)
+    packed = int4_cpu.pack(codes, zeros, scales, group_size)
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(1))
+    x[3] = 0  # an all-zero row: scale 0, no division by zero
+    x[5, :group_size] *= 1000  # one outlier group does not touch the row's other groups
+    got = int4_cpu.linear(x, *packed, n, group_size).double()
+    want = int4_cpu.reference(x, codes, zeros, scales, group_size)
+    assert torch.equal(got[3], torch.zeros(n, dtype=torch.float64))
+    err = (got - want).abs().max() / want.abs().max()
+    assert err < 1e-6, float(err)
+
+
+@needs_kernel
+def test_the_activation_grid_is_per_group():
+    """The oracle itself: a layer computing with bf16 weights and activations is within
+    int8-per-group error of it (a wrong grid, per row or per tensor, would be far off on
+    the outlier row)."""
+    k, n, gs = 512, 64, 128
+    codes, zeros, scales = _weights(k, n, gs, seed=2)
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(3))
+    x[1, :gs] *= 300
+    w = ((codes - zeros.repeat_interleave(gs, 0)) * scales.repeat_interleave(gs, 0)).T
+    exact = (x.double() @ w.double().T)[1, :]
+    got = int4_cpu.linear(x, *int4_cpu.pack(codes, zeros, scales, gs), n, gs)[1].double()
+    assert (got - exact).norm() / exact.norm() < 0.01
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rows_never_mix_at_any_row_or_thread_count(dtype):
+    k, n, gs = 512, 72, 128
+    codes, zeros, scales = _weights(k, n, gs, seed=4)
+    packed = int4_cpu.pack(codes, zeros, scales, gs)
+    x = torch.randn(37, k, generator=torch.Generator().manual_seed(5)).to(dtype)
+    x[9] *= 100
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([int4_cpu.linear(x[i:i + 1], *packed, n, gs) for i in range(37)])
+        torch.set_num_threads(2)
+        for rows in (1, 3, 4, 5, 16, 37):  # the 4-row and the 1-row paths, mixed
+            assert torch.equal(int4_cpu.linear(x[:rows], *packed, n, gs), alone[:rows]), rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_bf16_in_bf16_out_rounds_like_torch():
+    """bf16 x is read exactly and the fp32 result is rounded to nearest even, as
+    `.to(torch.bfloat16)` does: the bf16 call equals the fp32 call on the same values."""
+    k, n, gs = 256, 40, 64
+    codes, zeros, scales = _weights(k, n, gs, seed=6)
+    packed = int4_cpu.pack(codes, zeros, scales, gs)
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    via_fp32 = int4_cpu.linear(x.float(), *packed, n, gs).to(torch.bfloat16)
+    assert torch.equal(int4_cpu.linear(x, *packed, n, gs), via_fp32)
+
+
+@needs_kernel
+def test_refuses_what_it_would_read_out_of_bounds():
+    codes, zeros, scales = _weights(256, 32, 64)
+    packed = int4_cpu.pack(codes, zeros, scales, 64)
+    for bad in (torch.randn(2, 128), torch.randn(2, 256).half(), torch.randn(256, 2).T):
+        with pytest.raises(ValueError, match="contiguous CPU bf16/fp32"):
+            int4_cpu.linear(bad, *packed, 32, 64)
+
+
+def _library_in_subprocess(env: dict[str, str]) -> str:
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+            "from quant import int4_cpu; print('LOADED', int4_cpu.library() is not None)")
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                          capture_output=True, text=True, check=True, timeout=120).stdout
+
+
+@needs_kernel
+def test_builds_once_into_its_cache_readable_by_all(tmp_path):
+    out = _library_in_subprocess({"FANFORMER_KERNEL_CACHE": str(tmp_path)})
+    assert "LOADED True" in out
+    [built] = tmp_path.iterdir()
+    assert built.suffix == ".so" and stat.S_IMODE(built.stat().st_mode) == 0o755
+    mtime = built.stat().st_mtime_ns
+    assert "LOADED True" in _library_in_subprocess({"FANFORMER_KERNEL_CACHE": str(tmp_path)})
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]
+    assert built.stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+@pytest.mark.parametrize("env, why", [
+    ({"FANFORMER_NATIVE_KERNELS": "0"}, "FANFORMER_NATIVE_KERNELS=0"),
+    ({"CC": "/nonexistent/gcc"}, ""),  # "building it failed" where the CPU could run it
+])
+def test_off_with_a_reason_and_the_layers_fall_back(env, why, tmp_path):
+    out = _library_in_subprocess({**env, "FANFORMER_KERNEL_CACHE": str(tmp_path)})
+    assert "LOADED False" in out and "native 4-bit CPU kernel off" in out and why in out
