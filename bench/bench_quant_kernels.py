@@ -12,6 +12,8 @@ machine only the ratios mean anything, and the load average is printed with them
   bf16 dense       F.linear on a cached bf16 weight (the unquantized model's kernel)
   w8 weight-only   aten `_weight_int8pack_mm`, bf16 activations
   w4 weight-only   aten `_weight_int4pack_mm_for_cpu`, groups of 64, bf16 activations
+  w4 native        the native kernel (quant/int4_cpu.c), the same 4-bit weights, int8
+                   activations per group of 64 (column shown where this CPU runs it)
   fbgemm per-tensor  `quantized::linear_dynamic` (the old > 4-row path; not batch-invariant)
   w8a8 _int_mm     per-row int8 activations, exact int32 GEMM (`torch._int_mm`), then the
                    row and column scales: what `quant.layers` runs on big layers where
@@ -47,6 +49,7 @@ from torch.utils import benchmark
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from quant import int4_cpu  # noqa: E402
 from quant.w8a8 import onednn_int8_exact, quantize_rows, w8a8_kernel, w8a8_linear  # noqa: E402
 
 # the demo checkpoint's linear shapes (K -> N), then fanformer-92m-like full-rank ones
@@ -73,6 +76,9 @@ def candidates(k: int, n: int) -> dict:
         sz = sz.to(torch.bfloat16)
         out["w4 weight-only"] = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, packed, 64, sz)[:, :n]
+        if int4_cpu.library() is not None:
+            zeros = torch.full((k // 64, n), 8)
+            out["w4 native"] = int4_cpu.Int4Kernel(codes[:n].T, zeros, sz[:, :n, 0].float(), 64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qw = torch._make_per_channel_quantized_tensor(

@@ -12,7 +12,9 @@ users load it, its non-quantized tensors cast to fp32, and scored with
 `fanformer.data.bits_per_byte` on `read_eval_text(--eval_data)` (Gutenberg credits
 stripped), in windows of 512 tokens, with every layer that has a weight-only kernel
 running it (`quant.layers.weight_only_everywhere`: bf16 activations, so the figure is the
-weights' error; 3-bit layers have no such kernel and run w8a8). gptq and awq run once
+weights' error; 3-bit layers have no such kernel and run w8a8). `--kernels native` scores
+4-bit layers on the native kernel instead (int8 activations per weight group: what
+fanformer-serve computes on a CPU that runs it). gptq and awq run once
 per --seeds value (the seed picks the calibration windows); bf16, int8, nf4 and rtn use
 no calibration data, are deterministic, and run once: their sd is 0 by construction, not
 by measurement.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -46,7 +49,7 @@ from fanformer.checkpoint import (  # noqa: E402
     load_checkpoint,
 )
 from fanformer.data import EVAL_TEXT, bits_per_byte, read_eval_text  # noqa: E402
-from quant import load_any_checkpoint  # noqa: E402
+from quant import int4_cpu, load_any_checkpoint  # noqa: E402
 from quant.calibration import DEFAULT_CALIB_TEXT  # noqa: E402
 from quant.cli import build_parser, quantize  # noqa: E402
 from quant.config import QuantError  # noqa: E402
@@ -77,7 +80,8 @@ def settings_of(args) -> dict:
             "eval_data": str(Path(args.eval_data).resolve()), "eval_bytes": args.eval_bytes,
             "eval_seq_len": args.eval_seq_len, "group_size": GROUP_SIZE,
             "calib_data": str(Path(args.calib_data).resolve()),
-            "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len}
+            "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
+            **({"kernels": "native"} if args.kernels == "native" else {})}
 
 
 def read_records(out: Path, settings: dict) -> list[dict]:
@@ -142,12 +146,13 @@ def run_one(args, text: str, label: str, method: str | None, bits: int, extra: l
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def plan(seeds: list[int]) -> list[tuple]:
+def plan(seeds: list[int], methods: list[str] | None = None) -> list[tuple]:
     """Every (label, method, bits, extra, seed) to run: the deterministic ones first, then
     one calibration seed of every calibrated method at a time, so a partial file already
-    holds a whole table."""
-    fixed = [(*m, None) for m in METHODS if m[1] not in CALIBRATED]
-    calibrated = [(*m, s) for s in seeds for m in METHODS if m[1] in CALIBRATED]
+    holds a whole table. `methods`: only these labels (e.g. "rtn", "gptq --desc_act")."""
+    chosen = [m for m in METHODS if methods is None or m[0] in methods]
+    fixed = [(*m, None) for m in chosen if m[1] not in CALIBRATED]
+    calibrated = [(*m, s) for s in seeds for m in chosen if m[1] in CALIBRATED]
     return fixed + calibrated
 
 
@@ -220,7 +225,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib_data", default=str(DEFAULT_CALIB_TEXT), help="calibration text")
     p.add_argument("--calib_samples", type=int, default=64, help="calibration windows")
     p.add_argument("--calib_seq_len", type=int, default=256, help="tokens per window")
+    p.add_argument("--methods", nargs="+", default=None, choices=sorted({m[0] for m in METHODS}),
+                   help="only these methods (default: all)")
+    p.add_argument("--kernels", choices=["reference", "native"], default="reference",
+                   help="reference: 4-bit layers on aten's bf16-activation kernel, so the "
+                        "figure is the weights' error; native: on the native 4-bit kernel "
+                        "where this CPU runs it (int8 activations per group, what "
+                        "fanformer-serve computes)")
     args = p.parse_args(argv)
+    if args.kernels == "reference":
+        os.environ[int4_cpu.DISABLE_ENV] = "0"  # read once, when the first layer is built
+    elif int4_cpu.library() is None:
+        print("quant_quality: error: --kernels native: the native 4-bit kernel does not run "
+              "here (see the log line above)", file=sys.stderr)
+        return 2
     out = Path(args.out)
     try:
         if args.eval_bytes < 0:
@@ -228,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_of(args)
         records = read_records(out, settings)
         done = {(r["method"], r["bits"], r["seed"]) for r in records}
-        todo = [job for job in plan(args.seeds) if (job[0], job[2], job[4]) not in done]
+        todo = [job for job in plan(args.seeds, args.methods)
+                if (job[0], job[2], job[4]) not in done]
         text = eval_text(args) if todo else ""
         out.parent.mkdir(parents=True, exist_ok=True)
         for label, method, bits, extra, seed in todo:

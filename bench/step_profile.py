@@ -22,7 +22,7 @@ import torch
 from bench_engine import build_model, byte_tokenizer, prompts
 
 import server.engine as engine_module
-from fanformer.checkpoint import load_checkpoint
+from quant.convert import load_any_checkpoint
 from quant.layers import QuantLinear
 from server.engine import EngineConfig, LLMEngine
 from server.sampling import SamplingParams
@@ -98,8 +98,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="transformer-64m")
     p.add_argument("--checkpoint", default=None,
-                   help="profile this checkpoint's model (e.g. fanformer/assets/demo) "
-                        "instead of a random --preset")
+                   help="profile this checkpoint's model, plain or quantized (e.g. "
+                        "fanformer/assets/demo) instead of a random --preset")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--steps", type=int, default=24)
@@ -113,7 +113,7 @@ def main() -> None:
         engine_module.SINGLE_THREAD_MAX_TOKENS = args.single_thread_max
     dtype = getattr(torch, args.dtype)
     if args.checkpoint:
-        model = load_checkpoint(args.checkpoint, dtype=dtype)[0].eval()
+        model = load_any_checkpoint(args.checkpoint, dtype=dtype)[0].eval()
     else:
         model = build_model(args.preset, dtype)
     print(f"# {args.checkpoint or args.preset} {args.dtype}, {torch.get_num_threads()} threads, "
