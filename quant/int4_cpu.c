@@ -14,16 +14,42 @@
  * input 8*k8 + i in its low nibble and of input 8*k8 + 4 + i in its high nibble. One
  * 64-byte load gives two VPDPBUSD operands of 16 channels x 4 inputs each.
  *
+ * Two builds of this file (quant/int4_cpu.py picks one by the CPU's flags): with
+ * FANFORMER_AVX512, VPDPBUSD on 512 bits (AVX-512 VNNI); without, AVX2 (VPMADDUBSW then
+ * VPMADDWD: code 15 x activation 127 x 2 fits int16, so it never saturates). Both compute
+ * the same int32 sums and the same fp32 epilogue in the same order: the same bits.
  * Built at run time by quant/int4_cpu.py (gcc, -fopenmp); loaded after torch, so the
  * OpenMP runtime is torch's own libgomp and the threads are its pool.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define BLOCK 16 /* output channels per block: one zmm of int32 lanes */
-#define ROWS 8   /* rows sharing one decoded weight vector (then 4, then 1) */
+#define BLOCK 16 /* output channels per block: one zmm (two ymm) of int32 lanes */
+#ifdef FANFORMER_AVX512
+#define ROWS 8 /* rows sharing one decoded weight vector (then 4, then 1) */
+#else
+#define ROWS 2 /* AVX2 has 16 registers: two rows, then one */
+#endif
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* round to nearest even, as torch does for finite values */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+#ifdef FANFORMER_AVX512
 
 static inline __m512 load16(const void *x, int bf16, int64_t i) {
     if (bf16) {
@@ -109,6 +135,95 @@ static inline __attribute__((always_inline)) void block_rows(
     for (int r = 0; r < R; r++) store16(y, ybf16, (m0 + r) * N + n0, out[r], mask);
 }
 
+#else /* AVX2 */
+
+static inline float load1(const void *x, int bf16, int64_t i) {
+    return bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+/* As the AVX-512 build: the same amax, the same fp32 products, the same rounding (half to
+ * even: nearbyintf in the default rounding mode), so the same codes and scales. */
+static void quantize_row(const void *x, int bf16, int64_t K, int64_t gs, int8_t *q,
+                         float *a_scale, float *a_sum) {
+    for (int64_t g0 = 0, g = 0; g0 < K; g0 += gs, g++) {
+        float m = 0.0f;
+        for (int64_t k = g0; k < g0 + gs; k++) {
+            float a = fabsf(load1(x, bf16, k));
+            m = a > m ? a : m;
+        }
+        float inv = m > 0.0f ? 127.0f / m : 0.0f;
+        int32_t sum = 0;
+        for (int64_t k = g0; k < g0 + gs; k++) {
+            int32_t c = (int32_t)nearbyintf(load1(x, bf16, k) * inv);
+            sum += c;
+            q[k] = (int8_t)c;
+        }
+        a_scale[g] = m / 127.0f;
+        a_sum[g] = (float)sum;
+    }
+}
+
+static inline __m256i dot4(__m256i acc, __m256i codes, __m256i a) {
+    __m256i pairs = _mm256_maddubs_epi16(codes, a);  /* u8 x s8, pairs summed to int16 */
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+static inline __attribute__((always_inline)) void block_rows(
+    const int R, const int8_t *q, const float *a_scale, const float *a_sum, int64_t m0,
+    int64_t K, int64_t G, int64_t gs, const uint8_t *wblock, const float *scale,
+    const float *minus_zs, int64_t Np, int64_t n0, void *y, int ybf16, int64_t N,
+    int64_t valid) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256 out[ROWS][2];
+    for (int r = 0; r < R; r++) out[r][0] = out[r][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m256i acc[ROWS][2];
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+        const uint8_t *w = wblock + g * (gs / 8) * 64;
+        for (int64_t k8 = 0; k8 < gs / 8; k8++) {
+            __m256i lo[2], hi[2];
+            for (int h = 0; h < 2; h++) {
+                __m256i packed = _mm256_loadu_si256((const __m256i *)(w + k8 * 64 + h * 32));
+                lo[h] = _mm256_and_si256(packed, low);
+                hi[h] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+            }
+            int64_t k = g * gs + k8 * 8;
+            for (int r = 0; r < R; r++) {
+                int32_t a0, a1;
+                memcpy(&a0, q + (m0 + r) * K + k, 4);
+                memcpy(&a1, q + (m0 + r) * K + k + 4, 4);
+                __m256i b0 = _mm256_set1_epi32(a0), b1 = _mm256_set1_epi32(a1);
+                for (int h = 0; h < 2; h++)
+                    acc[r][h] = dot4(dot4(acc[r][h], lo[h], b0), hi[h], b1);
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            __m256 s = _mm256_loadu_ps(scale + g * Np + n0 + 8 * h);
+            __m256 mz = _mm256_loadu_ps(minus_zs + g * Np + n0 + 8 * h);
+            for (int r = 0; r < R; r++) {
+                int64_t i = (m0 + r) * G + g;
+                __m256 t = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(acc[r][h]),
+                                           _mm256_mul_ps(mz, _mm256_set1_ps(a_sum[i])));
+                out[r][h] = _mm256_fmadd_ps(_mm256_set1_ps(a_scale[i]), t, out[r][h]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float lanes[BLOCK];
+        _mm256_storeu_ps(lanes, out[r][0]);
+        _mm256_storeu_ps(lanes + 8, out[r][1]);
+        int64_t base = (m0 + r) * N + n0;
+        for (int64_t j = 0; j < valid; j++) {
+            if (ybf16)
+                ((uint16_t *)y)[base + j] = float_to_bf16(lanes[j]);
+            else
+                ((float *)y)[base + j] = lanes[j];
+        }
+    }
+}
+
+#endif
+
 /* x (M, K) fp32 or bf16 (bf16 != 0), y (M, N) in the same dtype. packed: (Np / 16) blocks
  * of K / 8 x 64 bytes; scale, minus_zs: (K / gs, Np) fp32, Np = N rounded up to 16, the
  * padding channels zero. K must be a multiple of gs and gs of 16. Returns 0, or -1 when
@@ -134,8 +249,12 @@ int fanformer_w4a8_linear(const void *x, int bf16, int64_t M, int64_t K,
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             const int64_t n0 = b * BLOCK;
+#ifdef FANFORMER_AVX512
             const __mmask16 mask = N - n0 >= BLOCK ? (__mmask16)0xFFFF
                                                    : (__mmask16)((1u << (N - n0)) - 1);
+#else
+            const int64_t mask = N - n0 >= BLOCK ? BLOCK : N - n0;  /* valid channels */
+#endif
             const uint8_t *wblock = packed + b * (K / 8) * 64;
             int64_t m0 = 0;
             for (; m0 + ROWS <= M; m0 += ROWS)

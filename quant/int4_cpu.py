@@ -11,9 +11,9 @@ row count.
 The C source ships with the package and is compiled on first use with the system's C
 compiler into a per-user cache (`$FANFORMER_KERNEL_CACHE`, else
 `~/.cache/fanformer/kernels`), keyed by the source, the compiler and the flags; the file is
-written atomically, so concurrent servers share it. It needs x86-64 Linux with AVX-512 BW
-and VNNI; elsewhere, without a compiler, or with `FANFORMER_NATIVE_KERNELS=0`, `library()`
-returns None and the layers keep aten's kernels.
+written atomically, so concurrent servers share it. It needs x86-64 Linux with AVX2 and FMA
+(the AVX-512 VNNI build where the CPU has it); elsewhere, without a compiler, or with
+`FANFORMER_NATIVE_KERNELS=0`, `library()` returns None and the layers keep aten's kernels.
 """
 
 from __future__ import annotations
@@ -34,11 +34,16 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int4_cpu.c")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma",
-         "-fopenmp", "-fPIC", "-shared"]
-NEEDED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+COMMON_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]
+# the builds, best first: compiler flags, and the /proc/cpuinfo flags a CPU needs for them
+ISAS = {
+    "avx512": (["-DFANFORMER_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                "-mavx512vnni", "-mfma"], {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
+    "avx2": (["-mavx2", "-mfma"], {"avx2", "fma"}),
+}
 BLOCK = 16  # output channels per block (the C file's BLOCK)
 DISABLE_ENV = "FANFORMER_NATIVE_KERNELS"
+ISA_ENV = "FANFORMER_NATIVE_ISA"  # force a build ("avx2" on an AVX-512 CPU: for tests)
 
 
 def cpu_flags() -> set[str]:
@@ -56,20 +61,21 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "fanformer" / "kernels"
 
 
-def _compile(compiler: str) -> Path:
-    """The shared library for this source, compiler and flags; built once per key."""
+def _compile(compiler: str, isa: str) -> Path:
+    """The shared library for this source, compiler and ISA; built once per key."""
+    flags = [*COMMON_FLAGS, *ISAS[isa][0]]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *FLAGS]).encode())
-    target = cache_dir() / f"int4_cpu-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags]).encode())
+    target = cache_dir() / f"int4_cpu-{isa}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True,
-                       text=True, check=True)
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"],
+                       capture_output=True, text=True, check=True)
         os.chmod(tmp, 0o755)
         os.replace(tmp, target)  # atomic: a concurrent build leaves one complete file
     finally:
@@ -78,32 +84,53 @@ def _compile(compiler: str) -> Path:
     return target
 
 
+def best_isa() -> str | None:
+    """The build this CPU runs best ($FANFORMER_NATIVE_ISA overrides), or None."""
+    flags = cpu_flags()
+    forced = os.environ.get(ISA_ENV)
+    usable = [isa for isa, (_, needed) in ISAS.items() if needed <= flags]
+    if forced:
+        return forced if forced in usable else None
+    return usable[0] if usable else None
+
+
+@functools.cache
+def load(isa: str) -> ctypes.CDLL:
+    """Build (once per cache) and load the `isa` build; raises OSError or
+    CalledProcessError when that fails."""
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise OSError("no C compiler (gcc) found")
+    lib = ctypes.CDLL(str(_compile(compiler, isa)))
+    lib.isa = isa
+    fn = lib.fanformer_w4a8_linear
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None where it cannot run here (the reason is logged
-    once)."""
-    why = None
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    """The kernel library for this machine, or None where it cannot run here (the reason
+    is logged once)."""
+    isa = best_isa()
     if os.environ.get(DISABLE_ENV, "1") == "0":
         why = f"{DISABLE_ENV}=0"
     elif platform.system() != "Linux" or platform.machine() != "x86_64":
         why = "not x86-64 Linux"
-    elif not NEEDED_CPU_FLAGS <= cpu_flags():
-        why = f"the CPU lacks {', '.join(sorted(NEEDED_CPU_FLAGS - cpu_flags()))}"
-    elif compiler is None:
-        why = "no C compiler (gcc) found"
-    if why is None:
+    elif isa is None:
+        why = ("the CPU lacks AVX2/FMA" if not os.environ.get(ISA_ENV)
+               else f"{ISA_ENV}={os.environ[ISA_ENV]} is not a build this CPU runs")
+    else:
         try:
-            lib = ctypes.CDLL(str(_compile(compiler)))
+            lib = load(isa)
         except (OSError, subprocess.CalledProcessError) as e:
-            detail = getattr(e, "stderr", None) or str(e)
-            why = f"building it failed: {detail.strip().splitlines()[-1] if detail else e}"
+            detail = (getattr(e, "stderr", None) or str(e)).strip()
+            why = f"building it failed: {detail.splitlines()[-1] if detail else e}"
         else:
-            fn = lib.fanformer_w4a8_linear
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                           ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+            log.info("native 4-bit CPU kernel: the %s build", isa)
             return lib
     log.info("native 4-bit CPU kernel off (%s): 4-bit layers use aten's kernels", why)
     return None
@@ -139,8 +166,9 @@ def reference(x: torch.Tensor, codes: torch.Tensor, zeros: torch.Tensor, scales:
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minus_zs: torch.Tensor,
-           n: int, group_size: int) -> torch.Tensor:
-    """x (M, K) fp32 or bf16, contiguous -> (M, n) in x's dtype, on torch's thread count."""
+           n: int, group_size: int, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x (M, K) fp32 or bf16, contiguous -> (M, n) in x's dtype, on torch's thread count;
+    on `lib` (a `load(isa)` build) or this machine's `library()`."""
     m, k = x.shape
     # raw pointers: a wrong tensor would be read out of bounds, so check what is cheap
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) \
@@ -149,7 +177,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minus_zs:
                          f"{packed.shape[1] * 8}) tensor, got {x.dtype} {tuple(x.shape)} "
                          f"on {x.device}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    rc = library().fanformer_w4a8_linear(
+    rc = (lib or library()).fanformer_w4a8_linear(
         x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, packed.data_ptr(),
         scale.data_ptr(), minus_zs.data_ptr(), n, scale.shape[1], group_size, y.data_ptr(),
         torch.get_num_threads())

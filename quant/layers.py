@@ -51,8 +51,9 @@ from quant.w8a8 import activation_qmax, per_channel_int8, w8a8_kernel
 # Default: weight-only while rows x in_features x out_features is at most this, w8a8 above
 # (the crossover measured with bench/bench_quant_kernels.py, docs/QUANTIZATION.md).
 WEIGHT_ONLY_MAX_WORK = 1 << 21
-# The same bound for layers on the native 4-bit kernel (quant/int4_cpu.py), which stays
-# ahead of w8a8 up to about 64 rows of a 512 x 2048 layer and 4 rows of a 32k-vocabulary head
+# The same bound for layers on the native 4-bit kernel's AVX-512 build (quant/int4_cpu.py),
+# which stays ahead of w8a8 up to about 64 rows of a 512 x 2048 layer and 4 rows of a
+# 32k-vocabulary head (its AVX2 build keeps WEIGHT_ONLY_MAX_WORK)
 NATIVE_MAX_WORK = 1 << 26
 # batch_invariant: layers with at least this many weights run w8a8 at every row count,
 # smaller ones their weight-only kernel.
@@ -135,7 +136,9 @@ class QuantLinear(nn.Module):
         weight-only kernel by default: 0 where there is none."""
         if self._kernel("weight-only") is None:
             return 0
-        return NATIVE_MAX_WORK if self.runs_native() else WEIGHT_ONLY_MAX_WORK
+        if self.runs_native() and int4_cpu.library().isa == "avx512":
+            return NATIVE_MAX_WORK
+        return WEIGHT_ONLY_MAX_WORK  # the AVX2 build: where aten's would run, and faster
 
     # ---- kernels, built lazily and dropped whenever the buffers change ----
     def _kernel(self, name):

@@ -18,6 +18,15 @@ needs_kernel = pytest.mark.skipif(int4_cpu.library() is None,
                                   reason="the native 4-bit kernel does not run here")
 
 
+@pytest.fixture(params=list(int4_cpu.ISAS))
+def lib(request):
+    """Each build this CPU runs (an AVX-512 machine runs both)."""
+    if not int4_cpu.ISAS[request.param][1] <= int4_cpu.cpu_flags() or \
+            int4_cpu.library() is None:
+        pytest.skip(f"the {request.param} build does not run here")
+    return int4_cpu.load(request.param)
+
+
 def _weights(k, n, group_size, seed=0):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 16, (k, n), generator=g)  # (K, N)
@@ -26,17 +35,16 @@ def _weights(k, n, group_size, seed=0):
     return codes, zeros, scales
 
 
-@needs_kernel
 @pytest.mark.parametrize("k, n, group_size", [(256, 48, 64), (512, 100, 128), (256, 16, 32),
                                               (512, 40, 256)])
-def test_matches_the_float64_oracle(k, n, group_size):
+def test_matches_the_float64_oracle(k, n, group_size, lib):
     """N not a multiple of 16 (the masked last block), every group size the layers use."""
     codes, zeros, scales = _weights(k, n, group_size)
     packed = int4_cpu.pack(codes, zeros, scales, group_size)
     x = torch.randn(7, k, generator=torch.Generator().manual_seed(1))
     x[3] = 0  # an all-zero row: scale 0, no division by zero
     x[5, :group_size] *= 1000  # one outlier group does not touch the row's other groups
-    got = int4_cpu.linear(x, *packed, n, group_size).double()
+    got = int4_cpu.linear(x, *packed, n, group_size, lib=lib).double()
     want = int4_cpu.reference(x, codes, zeros, scales, group_size)
     assert torch.equal(got[3], torch.zeros(n, dtype=torch.float64))
     err = (got - want).abs().max() / want.abs().max()
@@ -58,9 +66,8 @@ def test_the_activation_grid_is_per_group():
     assert (got - exact).norm() / exact.norm() < 0.01
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rows_never_mix_at_any_row_or_thread_count(dtype):
+def test_rows_never_mix_at_any_row_or_thread_count(dtype, lib):
     k, n, gs = 512, 72, 128
     codes, zeros, scales = _weights(k, n, gs, seed=4)
     packed = int4_cpu.pack(codes, zeros, scales, gs)
@@ -69,12 +76,29 @@ def test_rows_never_mix_at_any_row_or_thread_count(dtype):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = torch.cat([int4_cpu.linear(x[i:i + 1], *packed, n, gs) for i in range(37)])
+        alone = torch.cat([int4_cpu.linear(x[i:i + 1], *packed, n, gs, lib=lib)
+                           for i in range(37)])
         torch.set_num_threads(2)
-        for rows in (1, 3, 4, 5, 16, 37):  # the 4-row and the 1-row paths, mixed
-            assert torch.equal(int4_cpu.linear(x[:rows], *packed, n, gs), alone[:rows]), rows
+        for rows in (1, 3, 4, 5, 16, 37):  # the 8-, 4-, 2- and 1-row paths, mixed
+            got = int4_cpu.linear(x[:rows], *packed, n, gs, lib=lib)
+            assert torch.equal(got, alone[:rows]), rows
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_build_gives_the_same_bits(dtype):
+    """The AVX2 build (laptops) computes what the AVX-512 one does, bit for bit: the same
+    int32 sums and the same fp32 epilogue. Runs where the CPU has both."""
+    if not all(needed <= int4_cpu.cpu_flags() for _, needed in int4_cpu.ISAS.values()) or \
+            int4_cpu.library() is None:
+        pytest.skip("needs a CPU that runs every build")
+    k, n, gs = 512, 56, 128
+    codes, zeros, scales = _weights(k, n, gs, seed=8)
+    packed = int4_cpu.pack(codes, zeros, scales, gs)
+    x = torch.randn(11, k, generator=torch.Generator().manual_seed(9)).to(dtype)
+    outs = [int4_cpu.linear(x, *packed, n, gs, lib=int4_cpu.load(isa)) for isa in int4_cpu.ISAS]
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
 
 
 @needs_kernel
