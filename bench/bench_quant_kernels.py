@@ -12,8 +12,10 @@ machine only the ratios mean anything, and the load average is printed with them
   bf16 dense       F.linear on a cached bf16 weight (the unquantized model's kernel)
   w8 weight-only   aten `_weight_int8pack_mm`, bf16 activations
   w4 weight-only   aten `_weight_int4pack_mm_for_cpu`, groups of 64, bf16 activations
-  w4 native        the native kernel (quant/int4_cpu.c), the same 4-bit weights, int8
+  w4 native        the native kernel (quant/native_cpu.c), the same 4-bit weights, int8
                    activations per group of 64 (column shown where this CPU runs it)
+  w8 native        the native kernel's 8-bit path, the same int8 weights, int8 activations
+                   per group of 128 (shown where its AVX-512 build runs)
   fbgemm per-tensor  `quantized::linear_dynamic` (the old > 4-row path; not batch-invariant)
   w8a8 _int_mm     per-row int8 activations, exact int32 GEMM (`torch._int_mm`), then the
                    row and column scales: what `quant.layers` runs on big layers where
@@ -49,7 +51,7 @@ from torch.utils import benchmark
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from quant import int4_cpu  # noqa: E402
+from quant import native_cpu  # noqa: E402
 from quant.w8a8 import onednn_int8_exact, quantize_rows, w8a8_kernel, w8a8_linear  # noqa: E402
 
 # the demo checkpoint's linear shapes (K -> N), then fanformer-92m-like full-rank ones
@@ -67,6 +69,10 @@ def candidates(k: int, n: int) -> dict:
     out = {"bf16 dense": lambda x: F.linear(x, wb)}
     out["w8 weight-only"] = lambda x: torch.ops.aten._weight_int8pack_mm(
         x, w8, w_scale.to(torch.bfloat16))
+    lib, group = native_cpu.library(), native_cpu.activation_group(k)
+    if lib is not None and lib.isa == "avx512" and group:
+        out["w8 native"] = native_cpu.NativeKernel(
+            *native_cpu.int8_as_codes(w8, w_scale, group), group, bits=8)
     if k % 64 == 0:
         pad = -n % 16
         codes = torch.randint(0, 16, (n + pad, k), generator=g, dtype=torch.int32)
@@ -76,9 +82,10 @@ def candidates(k: int, n: int) -> dict:
         sz = sz.to(torch.bfloat16)
         out["w4 weight-only"] = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, packed, 64, sz)[:, :n]
-        if int4_cpu.library() is not None:
+        if native_cpu.library() is not None:
             zeros = torch.full((k // 64, n), 8)
-            out["w4 native"] = int4_cpu.Int4Kernel(codes[:n].T, zeros, sz[:, :n, 0].float(), 64)
+            out["w4 native"] = native_cpu.NativeKernel(codes[:n].T, zeros, sz[:, :n, 0].float(),
+                                                       64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qw = torch._make_per_channel_quantized_tensor(

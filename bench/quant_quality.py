@@ -49,7 +49,7 @@ from fanformer.checkpoint import (  # noqa: E402
     load_checkpoint,
 )
 from fanformer.data import EVAL_TEXT, bits_per_byte, read_eval_text  # noqa: E402
-from quant import int4_cpu, load_any_checkpoint  # noqa: E402
+from quant import load_any_checkpoint, native_cpu  # noqa: E402
 from quant.calibration import DEFAULT_CALIB_TEXT  # noqa: E402
 from quant.cli import build_parser, quantize  # noqa: E402
 from quant.config import QuantError  # noqa: E402
@@ -229,14 +229,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="only these methods (default: all)")
     p.add_argument("--kernels", choices=["reference", "native"], default="reference",
                    help="reference: 4-bit layers on aten's bf16-activation kernel, so the "
-                        "figure is the weights' error; native: on the native 4-bit kernel "
+                        "figure is the weights' error; native: on the native kernel "
                         "where this CPU runs it (int8 activations per group, what "
                         "fanformer-serve computes)")
     args = p.parse_args(argv)
     if args.kernels == "reference":
-        os.environ[int4_cpu.DISABLE_ENV] = "0"  # read once, when the first layer is built
-    elif int4_cpu.library() is None:
-        print("quant_quality: error: --kernels native: the native 4-bit kernel does not run "
+        os.environ[native_cpu.DISABLE_ENV] = "0"  # read once, when the first layer is built
+    elif native_cpu.library() is None:
+        print("quant_quality: error: --kernels native: the native kernel does not run "
               "here (see the log line above)", file=sys.stderr)
         return 2
     out = Path(args.out)

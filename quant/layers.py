@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant import int4_cpu
+from quant import native_cpu
 from quant.packing import unpack_awq, unpack_gptq
 from quant.w8a8 import activation_qmax, per_channel_int8, w8a8_kernel
 
@@ -51,7 +51,7 @@ from quant.w8a8 import activation_qmax, per_channel_int8, w8a8_kernel
 # Default: weight-only while rows x in_features x out_features is at most this, w8a8 above
 # (the crossover measured with bench/bench_quant_kernels.py, docs/QUANTIZATION.md).
 WEIGHT_ONLY_MAX_WORK = 1 << 21
-# The same bound for layers on the native 4-bit kernel's AVX-512 build (quant/int4_cpu.py),
+# The same bound for layers on the native kernel's AVX-512 build (quant/native_cpu.py),
 # which stays ahead of w8a8 up to about 64 rows of a 512 x 2048 layer and 4 rows of a
 # 32k-vocabulary head (its AVX2 build keeps WEIGHT_ONLY_MAX_WORK)
 NATIVE_MAX_WORK = 1 << 26
@@ -128,15 +128,15 @@ class QuantLinear(nn.Module):
         return "weight-only" if weight_only else "w8a8"
 
     def runs_native(self) -> bool:
-        """Whether the weight-only kernel is the native 4-bit one (quant/int4_cpu.py)."""
-        return isinstance(self._kernel("weight-only"), int4_cpu.Int4Kernel)
+        """Whether the weight-only kernel is the native one (quant/native_cpu.py)."""
+        return isinstance(self._kernel("weight-only"), native_cpu.NativeKernel)
 
     def weight_only_budget(self) -> int:
         """The most multiply-adds (rows x weights) a call may have and still run the
         weight-only kernel by default: 0 where there is none."""
         if self._kernel("weight-only") is None:
             return 0
-        if self.runs_native() and int4_cpu.library().isa == "avx512":
+        if self.runs_native() and native_cpu.library().isa == "avx512":
             return NATIVE_MAX_WORK
         return WEIGHT_ONLY_MAX_WORK  # the AVX2 build: where aten's would run, and faster
 
@@ -222,6 +222,10 @@ class Int8Linear(QuantLinear):
         return self.weight, self.SCB / 127
 
     def _weight_only_kernel(self):
+        lib, group = native_cpu.library(), native_cpu.activation_group(self.in_features)
+        if lib is not None and lib.isa == "avx512" and group and self.weight.device.type == "cpu":
+            codes = native_cpu.int8_as_codes(self.weight, self.SCB / 127, group)
+            return native_cpu.NativeKernel(*codes, group, bits=8)
         weight = self.weight
         if weight.data_ptr() % 64 or not weight.is_contiguous():
             # safetensors can hand out tensors at 8-byte offsets; the aten int8 kernel
@@ -257,8 +261,8 @@ class _GroupedLinear(QuantLinear):
             codes, g = codes[perm], g[perm]
             if not torch.equal(g, contiguous):
                 return None  # groups of unequal size: no aten layout for that
-        if int4_cpu.library() is not None and codes.device.type == "cpu":
-            return int4_cpu.Int4Kernel(codes, zeros, scales, gs, perm)
+        if native_cpu.library() is not None and codes.device.type == "cpu":
+            return native_cpu.NativeKernel(codes, zeros, scales, gs, perm)
         pad = -n % 16  # the int4 kernel needs N to be a multiple of 16
         codes = F.pad(codes.T, (0, 0, 0, pad)).contiguous()  # (N + pad, K)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)

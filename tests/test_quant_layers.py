@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from quant import int4_cpu, w8a8
 from quant import layers as qlayers
+from quant import native_cpu, w8a8
 from quant.convert import awq_layer, gptq_layer
 from quant.layers import Int8Linear, NF4Linear, bnb
 from quant.packing import (
@@ -113,14 +113,14 @@ def _layers():
 @pytest.fixture(params=["weight-only", "native", "w8a8"])
 def kernel(request, monkeypatch):
     """Run a test under each kernel family: the size threshold moved so that every layer
-    that has a weight-only kernel uses it (aten's, or the native 4-bit one where this CPU
+    that has a weight-only kernel uses it (aten's, or the native one where this CPU
     runs it), or so that every layer runs w8a8 (as a batch invariant layer does at any row
     count)."""
     if request.param == "native":
-        if int4_cpu.library() is None:
-            pytest.skip("the native 4-bit kernel does not run here")
+        if native_cpu.library() is None:
+            pytest.skip("the native kernel does not run here")
     else:
-        monkeypatch.setattr(int4_cpu, "library", lambda: None)
+        monkeypatch.setattr(native_cpu, "library", lambda: None)
     monkeypatch.setattr(qlayers, "W8A8_MIN_WEIGHTS", 0 if request.param == "w8a8" else 1 << 40)
     monkeypatch.setattr(qlayers.QuantLinear, "batch_invariant", True)
     return request.param
@@ -143,19 +143,21 @@ def test_kernels_match_reference(rows, kernel, device):
 
 def test_kernel_follows_the_work_of_the_call_unless_batch_invariant(monkeypatch):
     """By default a layer runs its weight-only kernel while rows x weights is at most
-    WEIGHT_ONLY_MAX_WORK (NATIVE_MAX_WORK on the native 4-bit kernel's AVX-512 build) and
+    WEIGHT_ONLY_MAX_WORK (NATIVE_MAX_WORK on the native kernel's AVX-512 build) and
     w8a8 beyond
     (3-bit GPTQ has no weight-only kernel: always w8a8). With batch_invariant, one kernel
     at every row count: the native kernel, else weight-only under W8A8_MIN_WEIGHTS
     weights, w8a8 from there."""
     head = gptq_layer(rtn_quantize(_weight(1024, 256), 4, 64), None, 4, 64)  # 2^18 weights
-    native = int4_cpu.library() is not None
-    wide = native and int4_cpu.library().isa == "avx512"  # the AVX2 build keeps the 2M bound
+    native = native_cpu.library() is not None
+    wide = native and native_cpu.library().isa == "avx512"  # the AVX2 build keeps the 2M bound
     for name, layer in [*_layers(), ("head", head)]:
         weights = layer.in_features * layer.out_features
-        four_bit = name in ("gptq", "gptq-act-order", "awq", "head")
-        budget = qlayers.NATIVE_MAX_WORK if wide and four_bit else qlayers.WEIGHT_ONLY_MAX_WORK
-        assert layer.runs_native() == (native and four_bit), name
+        # on the native kernel: 4-bit layers, and int8 ones on its AVX-512 build
+        on_native = native and name in ("gptq", "gptq-act-order", "awq", "head") or \
+            wide and name == "int8"
+        budget = qlayers.NATIVE_MAX_WORK if wide and on_native else qlayers.WEIGHT_ONLY_MAX_WORK
+        assert layer.runs_native() == on_native, name
         edge = budget // weights  # the most rows weight-only takes
         got = [layer.kernel_name(r) for r in (1, edge, edge + 1, 1 << 22)]
         if name == "gptq-3bit":
@@ -164,7 +166,7 @@ def test_kernel_follows_the_work_of_the_call_unless_batch_invariant(monkeypatch)
             assert got == ["weight-only"] * 2 + ["w8a8"] * 2, name
         monkeypatch.setattr(layer, "batch_invariant", True)
         invariant = "weight-only" if weights < qlayers.W8A8_MIN_WEIGHTS else "w8a8"
-        if native and four_bit:
+        if on_native:
             invariant = "weight-only"
         if name == "gptq-3bit":
             invariant = "w8a8"

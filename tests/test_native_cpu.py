@@ -1,4 +1,4 @@
-"""The native 4-bit kernel (quant/int4_cpu.c): it computes what its float64 oracle says,
+"""The native kernel (quant/native_cpu.c): it computes what its float64 oracle says,
 keeps rows apart bitwise at every row count and thread count, rounds bf16 output as torch
 does, builds once into its cache, and is off (aten's kernels instead) where it cannot run."""
 
@@ -12,19 +12,19 @@ import sys
 import pytest
 import torch
 
-from quant import int4_cpu
+from quant import native_cpu
 
-needs_kernel = pytest.mark.skipif(int4_cpu.library() is None,
-                                  reason="the native 4-bit kernel does not run here")
+needs_kernel = pytest.mark.skipif(native_cpu.library() is None,
+                                  reason="the native kernel does not run here")
 
 
-@pytest.fixture(params=list(int4_cpu.ISAS))
+@pytest.fixture(params=list(native_cpu.ISAS))
 def lib(request):
     """Each build this CPU runs (an AVX-512 machine runs both)."""
-    if not int4_cpu.ISAS[request.param][1] <= int4_cpu.cpu_flags() or \
-            int4_cpu.library() is None:
+    if not native_cpu.ISAS[request.param][1] <= native_cpu.cpu_flags() or \
+            native_cpu.library() is None:
         pytest.skip(f"the {request.param} build does not run here")
-    return int4_cpu.load(request.param)
+    return native_cpu.load(request.param)
 
 
 def _weights(k, n, group_size, seed=0):
@@ -40,12 +40,12 @@ def _weights(k, n, group_size, seed=0):
 def test_matches_the_float64_oracle(k, n, group_size, lib):
     """N not a multiple of 16 (the masked last block), every group size the layers use."""
     codes, zeros, scales = _weights(k, n, group_size)
-    packed = int4_cpu.pack(codes, zeros, scales, group_size)
+    packed = native_cpu.pack(codes, zeros, scales, group_size)
     x = torch.randn(7, k, generator=torch.Generator().manual_seed(1))
     x[3] = 0  # an all-zero row: scale 0, no division by zero
     x[5, :group_size] *= 1000  # one outlier group does not touch the row's other groups
-    got = int4_cpu.linear(x, *packed, n, group_size, lib=lib).double()
-    want = int4_cpu.reference(x, codes, zeros, scales, group_size)
+    got = native_cpu.linear(x, *packed, n, group_size, lib=lib).double()
+    want = native_cpu.reference(x, codes, zeros, scales, group_size)
     assert torch.equal(got[3], torch.zeros(n, dtype=torch.float64))
     err = (got - want).abs().max() / want.abs().max()
     assert err < 1e-6, float(err)
@@ -62,7 +62,7 @@ def test_the_activation_grid_is_per_group():
     x[1, :gs] *= 300
     w = ((codes - zeros.repeat_interleave(gs, 0)) * scales.repeat_interleave(gs, 0)).T
     exact = (x.double() @ w.double().T)[1, :]
-    got = int4_cpu.linear(x, *int4_cpu.pack(codes, zeros, scales, gs), n, gs)[1].double()
+    got = native_cpu.linear(x, *native_cpu.pack(codes, zeros, scales, gs), n, gs)[1].double()
     assert (got - exact).norm() / exact.norm() < 0.01
 
 
@@ -70,34 +70,74 @@ def test_the_activation_grid_is_per_group():
 def test_rows_never_mix_at_any_row_or_thread_count(dtype, lib):
     k, n, gs = 512, 72, 128
     codes, zeros, scales = _weights(k, n, gs, seed=4)
-    packed = int4_cpu.pack(codes, zeros, scales, gs)
+    packed = native_cpu.pack(codes, zeros, scales, gs)
     x = torch.randn(37, k, generator=torch.Generator().manual_seed(5)).to(dtype)
     x[9] *= 100
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = torch.cat([int4_cpu.linear(x[i:i + 1], *packed, n, gs, lib=lib)
+        alone = torch.cat([native_cpu.linear(x[i:i + 1], *packed, n, gs, lib=lib)
                            for i in range(37)])
         torch.set_num_threads(2)
         for rows in (1, 3, 4, 5, 16, 37):  # the 8-, 4-, 2- and 1-row paths, mixed
-            got = int4_cpu.linear(x[:rows], *packed, n, gs, lib=lib)
+            got = native_cpu.linear(x[:rows], *packed, n, gs, lib=lib)
             assert torch.equal(got, alone[:rows]), rows
     finally:
         torch.set_num_threads(threads)
+
+
+def _int8_layer(k, n, seed=10):
+    g = torch.Generator().manual_seed(seed)
+    w8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)  # (N, K)
+    return w8, torch.rand(n, generator=g) * 0.01 + 1e-4  # per-channel scales (N,)
+
+
+@pytest.mark.parametrize("k, n", [(256, 48), (512, 100), (96, 40)])  # 96: groups of 32
+def test_int8_weights_match_the_oracle_and_never_mix_rows(k, n):
+    """8-bit weights (an int8 layer's, as codes + 128 with zero 128) on the AVX-512 build:
+    the oracle, then rows alone == rows in a batch."""
+    lib = native_cpu.library()
+    if lib is None or lib.isa != "avx512":
+        pytest.skip("the 8-bit path is in the AVX-512 build only")
+    w8, w_scale = _int8_layer(k, n)
+    group = native_cpu.activation_group(k)
+    codes, zeros, scales = native_cpu.int8_as_codes(w8, w_scale, group)
+    kernel = native_cpu.NativeKernel(codes, zeros, scales, group, bits=8)
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(11))
+    x[2, :group] *= 500
+    got = kernel(x).double()
+    want = native_cpu.reference(x, codes, zeros, scales, group)
+    assert (got - want).abs().max() / want.abs().max() < 1e-6
+    exact = x.double() @ (w8.double() * w_scale.double()[:, None]).T
+    assert (got - exact).norm() / exact.norm() < 0.01  # int8 activations per group
+    alone = torch.cat([kernel(x[i:i + 1]) for i in range(9)])
+    assert torch.equal(kernel(x), alone)
+
+
+def test_the_avx2_build_refuses_8_bit_weights():
+    """VPMADDUBSW would saturate on codes up to 255: the AVX2 entry says so, no wrong sums."""
+    if not native_cpu.ISAS["avx2"][1] <= native_cpu.cpu_flags() or native_cpu.library() is None:
+        pytest.skip("the avx2 build does not run here")
+    w8, w_scale = _int8_layer(64, 16)
+    packed = native_cpu.pack(*native_cpu.int8_as_codes(w8, w_scale, 64), 64, bits=8)
+    with pytest.raises(ValueError, match="no 8-bit path"):
+        native_cpu.linear(torch.randn(1, 64), *packed, 16, 64, bits=8,
+                          lib=native_cpu.load("avx2"))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_every_build_gives_the_same_bits(dtype):
     """The AVX2 build (laptops) computes what the AVX-512 one does, bit for bit: the same
     int32 sums and the same fp32 epilogue. Runs where the CPU has both."""
-    if not all(needed <= int4_cpu.cpu_flags() for _, needed in int4_cpu.ISAS.values()) or \
-            int4_cpu.library() is None:
+    if not all(needed <= native_cpu.cpu_flags() for _, needed in native_cpu.ISAS.values()) or \
+            native_cpu.library() is None:
         pytest.skip("needs a CPU that runs every build")
     k, n, gs = 512, 56, 128
     codes, zeros, scales = _weights(k, n, gs, seed=8)
-    packed = int4_cpu.pack(codes, zeros, scales, gs)
+    packed = native_cpu.pack(codes, zeros, scales, gs)
     x = torch.randn(11, k, generator=torch.Generator().manual_seed(9)).to(dtype)
-    outs = [int4_cpu.linear(x, *packed, n, gs, lib=int4_cpu.load(isa)) for isa in int4_cpu.ISAS]
+    outs = [native_cpu.linear(x, *packed, n, gs, lib=native_cpu.load(isa))
+            for isa in native_cpu.ISAS]
     assert all(torch.equal(out, outs[0]) for out in outs[1:])
 
 
@@ -107,24 +147,24 @@ def test_bf16_in_bf16_out_rounds_like_torch():
     `.to(torch.bfloat16)` does: the bf16 call equals the fp32 call on the same values."""
     k, n, gs = 256, 40, 64
     codes, zeros, scales = _weights(k, n, gs, seed=6)
-    packed = int4_cpu.pack(codes, zeros, scales, gs)
+    packed = native_cpu.pack(codes, zeros, scales, gs)
     x = torch.randn(9, k, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
-    via_fp32 = int4_cpu.linear(x.float(), *packed, n, gs).to(torch.bfloat16)
-    assert torch.equal(int4_cpu.linear(x, *packed, n, gs), via_fp32)
+    via_fp32 = native_cpu.linear(x.float(), *packed, n, gs).to(torch.bfloat16)
+    assert torch.equal(native_cpu.linear(x, *packed, n, gs), via_fp32)
 
 
 @needs_kernel
 def test_refuses_what_it_would_read_out_of_bounds():
     codes, zeros, scales = _weights(256, 32, 64)
-    packed = int4_cpu.pack(codes, zeros, scales, 64)
+    packed = native_cpu.pack(codes, zeros, scales, 64)
     for bad in (torch.randn(2, 128), torch.randn(2, 256).half(), torch.randn(256, 2).T):
         with pytest.raises(ValueError, match="contiguous CPU bf16/fp32"):
-            int4_cpu.linear(bad, *packed, 32, 64)
+            native_cpu.linear(bad, *packed, 32, 64)
 
 
 def _library_in_subprocess(env: dict[str, str]) -> str:
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
-            "from quant import int4_cpu; print('LOADED', int4_cpu.library() is not None)")
+            "from quant import native_cpu; print('LOADED', native_cpu.library() is not None)")
     return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
                           capture_output=True, text=True, check=True, timeout=120).stdout
 
@@ -147,4 +187,4 @@ def test_builds_once_into_its_cache_readable_by_all(tmp_path):
 ])
 def test_off_with_a_reason_and_the_layers_fall_back(env, why, tmp_path):
     out = _library_in_subprocess({**env, "FANFORMER_KERNEL_CACHE": str(tmp_path)})
-    assert "LOADED False" in out and "native 4-bit CPU kernel off" in out and why in out
+    assert "LOADED False" in out and "native CPU kernel off" in out and why in out

@@ -1,24 +1,26 @@
-/* 4-bit weights x int8 activations on AVX-512 VNNI: one call per linear, batch-invariant.
+/* 4- or 8-bit weights x int8 activations on AVX-512 VNNI (AVX2: 4-bit): one call per
+ * linear, batch-invariant.
  *
- * y (M, N) = x (M, K) @ W.T, W[n, k] = (code[n, k] - zero[g, n]) * scale[g, n], g = k / gs.
+ * y (M, N) = x (M, K) @ W.T, W[n, k] = (code[n, k] - zero[g, n]) * scale[g, n], g = k / gs,
+ * codes unsigned (4-bit: 0..15; 8-bit: symmetric int8 weights + 128, zero 128).
  * Each row of x is quantized to int8 per group of gs inputs (its own absmax grid, as
  * llama.cpp's q8 activations are), so within a group the products are exact int32 sums
- * (VPDPBUSD: unsigned 4-bit codes times signed 8-bit activations); per group:
+ * (VPDPBUSD: unsigned codes times signed 8-bit activations); per group:
  *     y += a_scale[m, g] * (scale[g, n] * dot + minus_zs[g, n] * a_sum[m, g])
  * with minus_zs = -zero * scale and a_sum the group's activation code sum. A row's result
  * is computed by the same instructions in the same order whatever the number of rows and
  * threads, so it is bitwise the same alone and in a batch.
  *
- * Packed layout (built by quant/int4_cpu.py): channel blocks of 16; for block b and each
+ * Packed layout (built by quant/native_cpu.py): channel blocks of 16; for block b and each
  * 8 inputs k8, 64 bytes = 16 channels x 4 bytes; byte i of channel j holds the code of
  * input 8*k8 + i in its low nibble and of input 8*k8 + 4 + i in its high nibble. One
  * 64-byte load gives two VPDPBUSD operands of 16 channels x 4 inputs each.
  *
- * Two builds of this file (quant/int4_cpu.py picks one by the CPU's flags): with
+ * Two builds of this file (quant/native_cpu.py picks one by the CPU's flags): with
  * FANFORMER_AVX512, VPDPBUSD on 512 bits (AVX-512 VNNI); without, AVX2 (VPMADDUBSW then
  * VPMADDWD: code 15 x activation 127 x 2 fits int16, so it never saturates). Both compute
  * the same int32 sums and the same fp32 epilogue in the same order: the same bits.
- * Built at run time by quant/int4_cpu.py (gcc, -fopenmp); loaded after torch, so the
+ * Built at run time by quant/native_cpu.py (gcc, -fopenmp); loaded after torch, so the
  * OpenMP runtime is torch's own libgomp and the threads are its pool.
  */
 #include <immintrin.h>
@@ -100,7 +102,7 @@ static void quantize_row(const void *x, int bf16, int64_t K, int64_t gs, int8_t 
  * call, so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void block_rows(
     const int R, const int8_t *q, const float *a_scale, const float *a_sum, int64_t m0,
-    int64_t K, int64_t G, int64_t gs, const uint8_t *wblock, const float *scale,
+    int64_t K, int64_t G, int64_t gs, int bits, const uint8_t *wblock, const float *scale,
     const float *minus_zs, int64_t Np, int64_t n0, void *y, int ybf16, int64_t N,
     __mmask16 mask) {
     const __m512i low = _mm512_set1_epi8(0x0F);
@@ -109,18 +111,31 @@ static inline __attribute__((always_inline)) void block_rows(
     for (int64_t g = 0; g < G; g++) {
         __m512i acc[ROWS];
         for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
-        const uint8_t *w = wblock + g * (gs / 8) * 64;
-        for (int64_t k8 = 0; k8 < gs / 8; k8++) {
-            __m512i packed = _mm512_loadu_si512((const void *)(w + k8 * 64));
-            __m512i lo = _mm512_and_si512(packed, low);
-            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
-            int64_t k = g * gs + k8 * 8;
-            for (int r = 0; r < R; r++) {
-                int32_t a0, a1;
-                memcpy(&a0, q + (m0 + r) * K + k, 4);
-                memcpy(&a1, q + (m0 + r) * K + k + 4, 4);
-                acc[r] = _mm512_dpbusd_epi32(acc[r], lo, _mm512_set1_epi32(a0));
-                acc[r] = _mm512_dpbusd_epi32(acc[r], hi, _mm512_set1_epi32(a1));
+        if (bits == 4) {
+            const uint8_t *w = wblock + g * (gs / 8) * 64;
+            for (int64_t k8 = 0; k8 < gs / 8; k8++) {
+                __m512i packed = _mm512_loadu_si512((const void *)(w + k8 * 64));
+                __m512i lo = _mm512_and_si512(packed, low);
+                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+                int64_t k = g * gs + k8 * 8;
+                for (int r = 0; r < R; r++) {
+                    int32_t a0, a1;
+                    memcpy(&a0, q + (m0 + r) * K + k, 4);
+                    memcpy(&a1, q + (m0 + r) * K + k + 4, 4);
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], lo, _mm512_set1_epi32(a0));
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], hi, _mm512_set1_epi32(a1));
+                }
+            }
+        } else { /* 8-bit codes, one byte each: 64 bytes = 16 channels x 4 inputs */
+            const uint8_t *w = wblock + g * (gs / 4) * 64;
+            for (int64_t k4 = 0; k4 < gs / 4; k4++) {
+                __m512i codes = _mm512_loadu_si512((const void *)(w + k4 * 64));
+                int64_t k = g * gs + k4 * 4;
+                for (int r = 0; r < R; r++) {
+                    int32_t a0;
+                    memcpy(&a0, q + (m0 + r) * K + k, 4);
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], codes, _mm512_set1_epi32(a0));
+                }
             }
         }
         __m512 s = _mm512_loadu_ps(scale + g * Np + n0);
@@ -170,9 +185,10 @@ static inline __m256i dot4(__m256i acc, __m256i codes, __m256i a) {
 
 static inline __attribute__((always_inline)) void block_rows(
     const int R, const int8_t *q, const float *a_scale, const float *a_sum, int64_t m0,
-    int64_t K, int64_t G, int64_t gs, const uint8_t *wblock, const float *scale,
+    int64_t K, int64_t G, int64_t gs, int bits, const uint8_t *wblock, const float *scale,
     const float *minus_zs, int64_t Np, int64_t n0, void *y, int ybf16, int64_t N,
     int64_t valid) {
+    (void)bits; /* 4 only: the entry refuses 8 in this build */
     const __m256i low = _mm256_set1_epi8(0x0F);
     __m256 out[ROWS][2];
     for (int r = 0; r < R; r++) out[r][0] = out[r][1] = _mm256_setzero_ps();
@@ -225,12 +241,19 @@ static inline __attribute__((always_inline)) void block_rows(
 #endif
 
 /* x (M, K) fp32 or bf16 (bf16 != 0), y (M, N) in the same dtype. packed: (Np / 16) blocks
- * of K / 8 x 64 bytes; scale, minus_zs: (K / gs, Np) fp32, Np = N rounded up to 16, the
- * padding channels zero. K must be a multiple of gs and gs of 16. Returns 0, or -1 when
- * the workspace cannot be allocated. */
-int fanformer_w4a8_linear(const void *x, int bf16, int64_t M, int64_t K,
-                          const uint8_t *packed, const float *scale, const float *minus_zs,
-                          int64_t N, int64_t Np, int64_t gs, void *y, int nthreads) {
+ * of K * 16 * bits / 8 bytes (4-bit: the nibble layout above; 8-bit: per 4 inputs, 16
+ * channels x 4 bytes of unsigned codes); scale, minus_zs: (K / gs, Np) fp32, Np = N rounded
+ * up to 16, the padding channels zero. K must be a multiple of gs and gs of 16. Returns 0,
+ * -1 when the workspace cannot be allocated, -2 for weights this build has no path for
+ * (8-bit on AVX2, where VPMADDUBSW would saturate on codes up to 255). */
+int fanformer_wq_linear(const void *x, int bf16, int64_t M, int64_t K, int bits,
+                        const uint8_t *packed, const float *scale, const float *minus_zs,
+                        int64_t N, int64_t Np, int64_t gs, void *y, int nthreads) {
+#ifdef FANFORMER_AVX512
+    if (bits != 4 && bits != 8) return -2;
+#else
+    if (bits != 4) return -2;
+#endif
     const int64_t G = K / gs, blocks = Np / BLOCK;
     int8_t *q = (int8_t *)malloc((size_t)(M * K));
     float *a_scale = (float *)malloc(sizeof(float) * (size_t)(M * G));
@@ -255,16 +278,16 @@ int fanformer_w4a8_linear(const void *x, int bf16, int64_t M, int64_t K,
 #else
             const int64_t mask = N - n0 >= BLOCK ? BLOCK : N - n0;  /* valid channels */
 #endif
-            const uint8_t *wblock = packed + b * (K / 8) * 64;
+            const uint8_t *wblock = packed + b * K * BLOCK * bits / 8;
             int64_t m0 = 0;
             for (; m0 + ROWS <= M; m0 += ROWS)
-                block_rows(ROWS, q, a_scale, a_sum, m0, K, G, gs, wblock, scale, minus_zs,
+                block_rows(ROWS, q, a_scale, a_sum, m0, K, G, gs, bits, wblock, scale, minus_zs,
                            Np, n0, y, bf16, N, mask);
             for (; m0 + ROWS / 2 <= M; m0 += ROWS / 2)
-                block_rows(ROWS / 2, q, a_scale, a_sum, m0, K, G, gs, wblock, scale,
+                block_rows(ROWS / 2, q, a_scale, a_sum, m0, K, G, gs, bits, wblock, scale,
                            minus_zs, Np, n0, y, bf16, N, mask);
             for (; m0 < M; m0++)
-                block_rows(1, q, a_scale, a_sum, m0, K, G, gs, wblock, scale, minus_zs, Np,
+                block_rows(1, q, a_scale, a_sum, m0, K, G, gs, bits, wblock, scale, minus_zs, Np,
                            n0, y, bf16, N, mask);
         }
     }

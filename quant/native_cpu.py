@@ -1,4 +1,5 @@
-"""The native 4-bit CPU kernel (quant/int4_cpu.c): build, load, pack, call.
+"""The native CPU kernel for 4- and 8-bit weights (quant/native_cpu.c): build, load, pack,
+call.
 
 Why our own kernel: at 1-16 rows a 4-bit linear is memory- and overhead-bound, and aten's
 `_weight_int4pack_mm_for_cpu` (bf16 math, one weight decode per row) or the w8a8 path (a
@@ -33,7 +34,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int4_cpu.c")
+SOURCE = Path(__file__).with_name("native_cpu.c")
 COMMON_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]
 # the builds, best first: compiler flags, and the /proc/cpuinfo flags a CPU needs for them
 ISAS = {
@@ -67,7 +68,7 @@ def _compile(compiler: str, isa: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              check=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags]).encode())
-    target = cache_dir() / f"int4_cpu-{isa}-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / f"native_cpu-{isa}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -103,9 +104,9 @@ def load(isa: str) -> ctypes.CDLL:
         raise OSError("no C compiler (gcc) found")
     lib = ctypes.CDLL(str(_compile(compiler, isa)))
     lib.isa = isa
-    fn = lib.fanformer_w4a8_linear
+    fn = lib.fanformer_wq_linear
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     return lib
@@ -130,24 +131,44 @@ def library() -> ctypes.CDLL | None:
             detail = (getattr(e, "stderr", None) or str(e)).strip()
             why = f"building it failed: {detail.splitlines()[-1] if detail else e}"
         else:
-            log.info("native 4-bit CPU kernel: the %s build", isa)
+            log.info("native CPU kernel: the %s build", isa)
             return lib
-    log.info("native 4-bit CPU kernel off (%s): 4-bit layers use aten's kernels", why)
+    log.info("native CPU kernel off (%s): quantized layers use aten's kernels", why)
     return None
 
 
-def pack(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """codes (K, N) in 0..15, zeros (G, N), scales (G, N) -> the kernel's tensors: packed
-    uint8 (Np / 16, K / 8, 16, 4), scale and minus_zs fp32 (G, Np), N padded to Np."""
+def pack(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+         bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes (K, N) in 0..2^bits - 1, zeros (G, N), scales (G, N) -> the kernel's tensors:
+    packed uint8 (Np / 16, K / 8, 16, 4) for 4 bits (two codes a byte) or (Np / 16, K / 4,
+    16, 4) for 8, scale and minus_zs fp32 (G, Np), N padded to Np."""
     k, n = codes.shape
     pad = -n % BLOCK
     c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad))  # (K, Np)
-    c = c.reshape(k // 8, 2, 4, -1, BLOCK)  # (k8, half, i, block, j): input 8*k8 + 4*half + i
-    packed = (c[:, 0] | (c[:, 1] << 4)).permute(2, 0, 3, 1).contiguous()  # (block, k8, j, i)
+    if bits == 4:
+        c = c.reshape(k // 8, 2, 4, -1, BLOCK)  # (k8, half, i, block, j): input 8k8 + 4half + i
+        packed = (c[:, 0] | (c[:, 1] << 4)).permute(2, 0, 3, 1)  # (block, k8, j, i)
+    else:
+        packed = c.reshape(k // 4, 4, -1, BLOCK).permute(2, 0, 3, 1)  # (block, k4, j, i)
     scale = torch.nn.functional.pad(scales.float(), (0, pad)).contiguous()
     minus_zs = torch.nn.functional.pad(-zeros.float() * scales.float(), (0, pad)).contiguous()
-    return packed, scale, minus_zs
+    return packed.contiguous(), scale, minus_zs
+
+
+def int8_as_codes(w8: torch.Tensor, w_scale: torch.Tensor, group_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weights w8 (N, K) with per-channel scales (N,) as the kernel's 8-bit
+    codes: (K, N) codes w8 + 128 in 0..255, zero 128, the channel's scale in every group."""
+    n, k = w8.shape
+    codes = w8.T.to(torch.int32) + 128  # (K, N)
+    zeros = torch.full((k // group_size, n), 128, dtype=torch.int32, device=w8.device)
+    return codes, zeros, w_scale.float()[None].expand(k // group_size, n)
+
+
+def activation_group(k: int) -> int | None:
+    """The activation group of a layer whose weights have no groups (int8): 128 inputs,
+    or the largest of 64, 32, 16 that divides K; None when 16 does not."""
+    return next((g for g in (128, 64, 32, 16) if k % g == 0), None)
 
 
 def reference(x: torch.Tensor, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
@@ -166,38 +187,41 @@ def reference(x: torch.Tensor, codes: torch.Tensor, zeros: torch.Tensor, scales:
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minus_zs: torch.Tensor,
-           n: int, group_size: int, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+           n: int, group_size: int, bits: int = 4, lib: ctypes.CDLL | None = None
+           ) -> torch.Tensor:
     """x (M, K) fp32 or bf16, contiguous -> (M, n) in x's dtype, on torch's thread count;
     on `lib` (a `load(isa)` build) or this machine's `library()`."""
     m, k = x.shape
+    inputs = packed.shape[1] * (8 if bits == 4 else 4)
     # raw pointers: a wrong tensor would be read out of bounds, so check what is cheap
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) \
-            or not x.is_contiguous() or k != packed.shape[1] * 8:
-        raise ValueError(f"int4_cpu.linear: x must be a contiguous CPU bf16/fp32 (M, "
-                         f"{packed.shape[1] * 8}) tensor, got {x.dtype} {tuple(x.shape)} "
-                         f"on {x.device}")
+            or not x.is_contiguous() or k != inputs:
+        raise ValueError(f"native_cpu.linear: x must be a contiguous CPU bf16/fp32 (M, "
+                         f"{inputs}) tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    rc = (lib or library()).fanformer_w4a8_linear(
-        x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, packed.data_ptr(),
+    rc = (lib or library()).fanformer_wq_linear(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, bits, packed.data_ptr(),
         scale.data_ptr(), minus_zs.data_ptr(), n, scale.shape[1], group_size, y.data_ptr(),
         torch.get_num_threads())
+    if rc == -2:
+        raise ValueError(f"native_cpu.linear: this build has no {bits}-bit path")
     if rc:
-        raise MemoryError("fanformer_w4a8_linear could not allocate its workspace")
+        raise MemoryError("fanformer_wq_linear could not allocate its workspace")
     return y
 
 
-class Int4Kernel:
+class NativeKernel:
     """A layer's weights in the kernel's layout, called like the other weight-only kernels:
     x (M, K) bf16 or fp32 -> (M, N) in x's dtype. `perm` (act-order GPTQ) reorders x's
     inputs to the codes' contiguous groups."""
 
     def __init__(self, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
-                 group_size: int, perm: torch.Tensor | None = None):
-        self.n, self.group_size, self.perm = codes.shape[1], group_size, perm
-        self.packed, self.scale, self.minus_zs = pack(codes, zeros, scales, group_size)
+                 group_size: int, perm: torch.Tensor | None = None, bits: int = 4):
+        self.n, self.group_size, self.perm, self.bits = codes.shape[1], group_size, perm, bits
+        self.packed, self.scale, self.minus_zs = pack(codes, zeros, scales, group_size, bits)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x[:, self.perm]
         return linear(x.contiguous(), self.packed, self.scale, self.minus_zs, self.n,
-                      self.group_size)
+                      self.group_size, self.bits)
