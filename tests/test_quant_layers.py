@@ -172,10 +172,12 @@ def test_kernel_follows_the_work_of_the_call_unless_batch_invariant(monkeypatch)
             invariant = "w8a8"
         assert {layer.kernel_name(r) for r in (1, edge, edge + 1, 1 << 22)} == {invariant}, name
     assert head.kernel_name(1) == ("weight-only" if native else "w8a8")  # it is the big one
-    policy = qlayers.WEIGHT_ONLY_MAX_WORK, qlayers.W8A8_MIN_WEIGHTS
+    policy = lambda: (qlayers.WEIGHT_ONLY_MAX_WORK, qlayers.NATIVE_MAX_WORK,
+                      qlayers.W8A8_MIN_WEIGHTS)
+    before = policy()
     with qlayers.weight_only_everywhere():
         assert head.kernel_name(4096) == "weight-only"
-    assert (qlayers.WEIGHT_ONLY_MAX_WORK, qlayers.W8A8_MIN_WEIGHTS) == policy
+    assert policy() == before
 
 
 def _int4_head():
