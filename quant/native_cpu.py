@@ -43,6 +43,11 @@ ISAS = {
     "avx2": (["-mavx2", "-mfma"], {"avx2", "fma"}),
 }
 BLOCK = 16  # output channels per block (the C file's BLOCK)
+# Calls this small run on one thread: waking torch's second OpenMP thread (it sleeps under
+# OMP_WAIT_POLICY=PASSIVE, which fanformer-serve sets) costs more than it saves on layers of
+# up to 256 KiB of weights at up to 8M multiply-adds (docs/QUANTIZATION.md, "Threads")
+SINGLE_THREAD_MAX_BYTES = 1 << 18
+SINGLE_THREAD_MAX_WORK = 1 << 23
 DISABLE_ENV = "FANFORMER_NATIVE_KERNELS"
 ISA_ENV = "FANFORMER_NATIVE_ISA"  # force a build ("avx2" on an AVX-512 CPU: for tests)
 
@@ -199,10 +204,11 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minus_zs:
         raise ValueError(f"native_cpu.linear: x must be a contiguous CPU bf16/fp32 (M, "
                          f"{inputs}) tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    small = k * n * bits <= 8 * SINGLE_THREAD_MAX_BYTES and m * k * n <= SINGLE_THREAD_MAX_WORK
     rc = (lib or library()).fanformer_wq_linear(
         x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, bits, packed.data_ptr(),
         scale.data_ptr(), minus_zs.data_ptr(), n, scale.shape[1], group_size, y.data_ptr(),
-        torch.get_num_threads())
+        1 if small else torch.get_num_threads())
     if rc == -2:
         raise ValueError(f"native_cpu.linear: this build has no {bits}-bit path")
     if rc:
