@@ -1,7 +1,8 @@
 """Quantized checkpoints through the serving engine: the same tokens as the reference loop,
-alone and in mixed batches, greedy and seeded, for every method and both CPU kernel
-families (weight-only and w8a8), so no request's tokens depend on the other requests; on CUDA
-too where there is one (the `device` fixture: there every layer runs its fallback)."""
+alone and in mixed batches, greedy and seeded, for every method and every CPU kernel
+family (the native kernel, aten's weight-only kernels, w8a8), so no request's tokens
+depend on the other requests; on CUDA too where there is one (the `device` fixture: there
+every layer runs its fallback)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from fanformer.checkpoint import save_checkpoint
 from fanformer.generate import generate
 from quant import layers as qlayers
-from quant import load_any_checkpoint
+from quant import load_any_checkpoint, native_cpu
 from quant.cli import main
 from server.engine import EngineConfig, LLMEngine
 from server.sampling import SamplingParams
@@ -20,15 +21,17 @@ from tests.conftest import make_model
 FAST = ["--calib_samples", "4", "--calib_seq_len", "32", "--eval_tokens", "0", "--quiet"]
 PROMPTS = [[5], [17, 42, 9], [(7 * i) % 500 + 1 for i in range(40)], list(range(3, 20))]
 # (method, extra flags, the threshold that picks the kernel family: 1 << 40 keeps every
-# layer with a weight-only kernel on it, 0 sends every layer through w8a8)
+# layer with a weight-only kernel on it, 0 sends every layer through w8a8; whether the
+# native kernel may run: its 4-bit and int8 layers where this CPU runs it, else aten's)
 CASES = {
-    "rtn+int8-head": ("rtn", ["--lm_head", "int8"], 1 << 40),
-    "int8": ("int8", [], 1 << 40),
-    "nf4": ("nf4", [], 1 << 40),
-    "gptq+int4-head": ("gptq", ["--group_size", "32", "--lm_head", "int4"], 1 << 40),
-    "awq": ("awq", ["--group_size", "32"], 1 << 40),
-    "gptq+int4-head w8a8": ("gptq", ["--group_size", "32", "--lm_head", "int4"], 0),
-    "nf4 w8a8": ("nf4", [], 0),
+    "rtn+int8-head": ("rtn", ["--lm_head", "int8"], 1 << 40, True),
+    "rtn+int8-head aten": ("rtn", ["--lm_head", "int8"], 1 << 40, False),
+    "int8": ("int8", [], 1 << 40, True),
+    "nf4": ("nf4", [], 1 << 40, True),
+    "gptq+int4-head": ("gptq", ["--group_size", "32", "--lm_head", "int4"], 1 << 40, True),
+    "awq": ("awq", ["--group_size", "32"], 1 << 40, True),
+    "gptq+int4-head w8a8": ("gptq", ["--group_size", "32", "--lm_head", "int4"], 0, False),
+    "nf4 w8a8": ("nf4", [], 0, False),
 }
 
 
@@ -40,12 +43,14 @@ def checkpoint(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module", params=list(CASES))
 def quantized(request, tmp_path_factory, checkpoint):
     """The case's checkpoint directory, with its kernel family in force."""
-    method, extra, threshold = CASES[request.param]
+    method, extra, threshold, native = CASES[request.param]
     out = tmp_path_factory.mktemp("q") / method
     assert main(["--method", method, "--checkpoint", str(checkpoint), "--output", str(out),
                  *FAST, *extra]) == 0
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(qlayers, "W8A8_MIN_WEIGHTS", threshold)
+        if not native:
+            patch.setattr(native_cpu, "library", lambda: None)
         # the reference loop runs the layers directly: the same one-kernel policy as the
         # engine's --batch_invariant below
         patch.setattr(qlayers.QuantLinear, "batch_invariant", True)
