@@ -127,6 +127,12 @@ class QuantLinear(nn.Module):
             weight_only = rows * weights <= budget
         return "weight-only" if weight_only else "w8a8"
 
+    def prepare(self, rows: int = 1) -> None:
+        """Build now the CPU kernel a call of `rows` rows runs (repacking the weights, and
+        the first time on a machine compiling the native kernel): the engine calls this at
+        start, so that its first request does not pay for it."""
+        self._kernel(self.kernel_name(rows))
+
     def runs_native(self) -> bool:
         """Whether the weight-only kernel is the native one (quant/native_cpu.py)."""
         return isinstance(self._kernel("weight-only"), native_cpu.NativeKernel)

@@ -138,6 +138,8 @@ class LLMEngine:
         for module in self.model.modules():  # quantized layers (quant/layers.py) have it
             if hasattr(module, "batch_invariant"):
                 module.batch_invariant = config.batch_invariant
+                if self.device.type == "cpu":
+                    module.prepare(1)  # the decode step's kernel, built before any request
         head = self.model.lm_head
         # a quantized head (a drop-in module, not an nn.Linear) keeps its own kernel
         self.head_fp32 = head.weight.float() if fp32_logits and isinstance(head, nn.Linear) \

@@ -114,5 +114,8 @@ def test_engine_sets_batch_invariant_on_every_quantized_layer(quantized, invaria
     assert layers and not any("batch_invariant" in vars(m) for m in layers)
     LLMEngine(model, tokenizer, EngineConfig(dtype="float32", max_num_seqs=1,
                                              batch_invariant=invariant))
+    built = [set(m._kernels) for m in layers]  # before kernel_name, which builds some
     assert [vars(m)["batch_invariant"] for m in layers] == [invariant] * len(layers)
     assert all(m.batch_invariant is invariant for m in layers)
+    # and builds each layer's one-row (decode) kernel before any request
+    assert all(m.kernel_name(1) in b for m, b in zip(layers, built))
