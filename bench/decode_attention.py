@@ -1,4 +1,5 @@
-"""One layer's decode attention, gather path vs cascade (shared prefix once + own blocks).
+"""One layer's decode attention: gather path vs cascade (shared prefix once + own blocks) vs
+the native kernel (each row read in place through its block table, quant/native_cpu.c).
 
 The chat workload of issue 12: D decode rows share a system prompt (the same leading block
 ids, as prefix caching gives them) and each has its own tokens after it. Times
@@ -23,6 +24,7 @@ import time
 import torch
 
 from fanformer.config import ModelConfig
+from quant import native_cpu
 from server.kv_cache import KVCachePool, Segment, StepAttention
 
 
@@ -50,8 +52,21 @@ def build(config: ModelConfig, rows: int, shared: int, own: int, block_size: int
     return pool, segments
 
 
-def time_attend(pool, segments, cascade: bool, config: ModelConfig, dtype, reps: int):
-    """-> (ms per attend call, median; ms to build the step's StepAttention, median)."""
+def time_attend(pool, segments, cascade: bool, config: ModelConfig, dtype, reps: int,
+                native: bool = False):
+    """-> (ms per attend call, median; ms to build the step's StepAttention, median).
+    Without cascade, the per-row path: the native kernel (`native`, where it runs) or the
+    gather."""
+    real = native_cpu.library
+    if not native:
+        native_cpu.library = lambda: None
+    try:
+        return _time_attend(pool, segments, cascade, config, dtype, reps, native)
+    finally:
+        native_cpu.library = real
+
+
+def _time_attend(pool, segments, cascade, config, dtype, reps, native):
     n = len(segments)
     q = torch.randn(1, config.n_heads, n, config.head_dim, dtype=dtype)
     k = torch.randn(1, config.n_kv_heads, n, config.head_dim, dtype=dtype)
@@ -66,6 +81,7 @@ def time_attend(pool, segments, cascade: bool, config: ModelConfig, dtype, reps:
         builds.append(t1 - t0)
         calls.append(t2 - t1)
     assert (att.prefix is not None) == cascade, "cascade was asked for but not taken"
+    assert (att.native is not None) == (native and not cascade), "native was not taken"
     return 1e3 * statistics.median(calls), 1e3 * statistics.median(builds)
 
 
@@ -87,9 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.preset} ({config.n_heads} heads, {config.n_kv_heads} KV heads, head_dim "
           f"{config.head_dim}), {args.dtype}, {torch.get_num_threads()} threads, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("\n| rows x (shared + own) | prefix blocks | gather ms | cascade ms | speed-up |"
-          " build ms gather / cascade |")
-    print("|---|---|---:|---:|---:|---:|")
+    native = native_cpu.library() is not None
+    print("\n| rows x (shared + own) | prefix blocks | gather ms | cascade ms | native ms "
+          "| speed-up cascade / native | build ms gather / cascade / native |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
         for rows in args.rows:
             for contiguous in (True, False):
@@ -98,9 +115,12 @@ def main(argv: list[str] | None = None) -> None:
                 time_attend(pool, segs, True, config, dtype, 3)  # warm-up
                 gather, gb = time_attend(pool, segs, False, config, dtype, args.reps)
                 cascade, cb = time_attend(pool, segs, True, config, dtype, args.reps)
+                nat, nb = time_attend(pool, segs, False, config, dtype, args.reps, True) \
+                    if native else (float("nan"), float("nan"))
                 print(f"| {rows} x ({args.shared} + ~{args.own}) | "
                       f"{'contiguous' if contiguous else 'scattered'} | {gather:.2f} | "
-                      f"{cascade:.2f} | {gather / cascade:.2f}x | {gb:.2f} / {cb:.2f} |")
+                      f"{cascade:.2f} | {nat:.2f} | {gather / cascade:.2f}x / "
+                      f"{gather / nat:.2f}x | {gb:.2f} / {cb:.2f} / {nb:.2f} |")
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -294,3 +294,96 @@ int fanformer_wq_linear(const void *x, int bf16, int64_t M, int64_t K, int bits,
     free(q); free(a_scale); free(a_sum);
     return 0;
 }
+
+/* ---- decode attention over a paged KV cache (the engine's, server/kv_cache.py) ----
+ *
+ * For each decode row d and query head h (kv head h / (H / n_kv)): softmax(q . k * scale)
+ * . v over the row's first len[d] positions, read in place from the layer's blocks
+ * (kc, vc: (n_kv, num_blocks, bs, hd)) through the row's block table: no gather, no
+ * padding, no mask. fp32 scores, softmax and sums; q, K/V and out bf16 (bf16 != 0) or
+ * fp32. A (row, kv head) pair is computed the same way whatever the other rows are: the
+ * result is batch-invariant. Returns 0, or -1 when the workspace cannot be allocated. */
+static inline void row_to_float(const void *src, int bf16, int64_t i, int64_t n, float *dst) {
+    if (bf16) {
+        const uint16_t *s = (const uint16_t *)src + i;
+        for (int64_t j = 0; j < n; j++) {
+            uint32_t u = (uint32_t)s[j] << 16;
+            memcpy(dst + j, &u, 4);
+        }
+    } else {
+        memcpy(dst, (const float *)src + i, sizeof(float) * (size_t)n);
+    }
+}
+
+int fanformer_paged_decode(const void *q, const void *kc, const void *vc, int bf16,
+                           const int64_t *tables, int64_t table_stride, const int64_t *lens,
+                           int64_t D, int64_t H, int64_t n_kv, int64_t num_blocks, int64_t bs,
+                           int64_t hd, float scale, void *out, int nthreads) {
+    const int64_t g = H / n_kv;
+    int64_t longest = 1;
+    for (int64_t d = 0; d < D; d++) longest = lens[d] > longest ? lens[d] : longest;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        /* per thread: q (g, hd), one K/V row, scores (g, longest), sums (g, hd) */
+        float *buf = (float *)malloc(sizeof(float) * (size_t)(g * hd + hd + g * longest + g * hd));
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < D * n_kv; item++) {
+            if (!buf) continue;
+            const int64_t d = item / n_kv, kvh = item % n_kv, len = lens[d];
+            float *qf = buf, *row = qf + g * hd, *s = row + hd, *acc = s + g * longest;
+            for (int64_t j = 0; j < g; j++)
+                row_to_float(q, bf16, (d * H + kvh * g + j) * hd, hd, qf + j * hd);
+            const int64_t *table = tables + d * table_stride;
+            for (int64_t t = 0; t < len; t++) {
+                const int64_t at = ((kvh * num_blocks + table[t / bs]) * bs + t % bs) * hd;
+                row_to_float(kc, bf16, at, hd, row);
+                for (int64_t j = 0; j < g; j++) {
+                    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t i = 0; i < hd; i++) dot += qf[j * hd + i] * row[i];
+                    s[j * longest + t] = dot * scale;
+                }
+            }
+            float total[64]; /* g <= 64: checked by the caller */
+            for (int64_t j = 0; j < g; j++) {
+                float m = s[j * longest];
+                for (int64_t t = 1; t < len; t++) m = s[j * longest + t] > m ? s[j * longest + t] : m;
+                float sum = 0.0f;
+                for (int64_t t = 0; t < len; t++) {
+                    float p = expf(s[j * longest + t] - m);
+                    s[j * longest + t] = p;
+                    sum += p;
+                }
+                total[j] = sum;
+                for (int64_t i = 0; i < hd; i++) acc[j * hd + i] = 0.0f;
+            }
+            for (int64_t t = 0; t < len; t++) {
+                const int64_t at = ((kvh * num_blocks + table[t / bs]) * bs + t % bs) * hd;
+                row_to_float(vc, bf16, at, hd, row);
+                for (int64_t j = 0; j < g; j++) {
+                    const float p = s[j * longest + t];
+#pragma omp simd
+                    for (int64_t i = 0; i < hd; i++) acc[j * hd + i] += p * row[i];
+                }
+            }
+            for (int64_t j = 0; j < g; j++) {
+                const int64_t o = (d * H + kvh * g + j) * hd;
+                const float inv = 1.0f / total[j];
+                for (int64_t i = 0; i < hd; i++) {
+                    const float v = acc[j * hd + i] * inv;
+                    if (bf16)
+                        ((uint16_t *)out)[o + i] = float_to_bf16(v);
+                    else
+                        ((float *)out)[o + i] = v;
+                }
+            }
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}

@@ -114,6 +114,12 @@ def load(isa: str) -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    att = lib.fanformer_paged_decode
+    att.restype = ctypes.c_int
+    att.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                    ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -231,3 +237,48 @@ class NativeKernel:
             x = x[:, self.perm]
         return linear(x.contiguous(), self.packed, self.scale, self.minus_zs, self.n,
                       self.group_size, self.bits)
+
+
+class PagedDecode:
+    """Decode attention straight from a paged KV cache (the C file's
+    `fanformer_paged_decode`), for one engine step: built once from the decode rows' block
+    tables and lengths (checked here, so that no layer's call can read outside the pool),
+    then called per layer. Each row attends to its own first `length` positions only: no
+    gather, no padding, no mask, and a row's result does not depend on the other rows."""
+
+    MAX_GROUP = 64  # query heads per KV head (the C file's `total` array)
+
+    def __init__(self, tables: list[list[int]], lengths: list[int], num_blocks: int,
+                 block_size: int, lib: ctypes.CDLL | None = None):
+        width = max(len(t) for t in tables)
+        for table, length in zip(tables, lengths):
+            if not 0 < length <= len(table) * block_size or \
+                    not all(0 <= b < num_blocks for b in table):
+                raise ValueError(f"PagedDecode: a table of {len(table)} blocks (ids in "
+                                 f"[0, {num_blocks})) cannot hold {length} positions")
+        self.tables = torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                   dtype=torch.int64)  # (D, width)
+        self.lengths = torch.tensor(lengths, dtype=torch.int64)  # (D,)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.lib = lib or library()
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (D, H, hd); k, v: one layer's (n_kv, num_blocks, block_size, hd) -> (D, H, hd)."""
+        d, h, hd = q.shape
+        n_kv = k.shape[0]
+        if q.dtype not in (torch.bfloat16, torch.float32) or k.dtype != q.dtype or \
+                v.dtype != q.dtype or not (q.is_contiguous() and k.is_contiguous() and
+                                           v.is_contiguous()) or \
+                k.shape != (n_kv, self.num_blocks, self.block_size, hd) or v.shape != k.shape \
+                or h % n_kv or h // n_kv > self.MAX_GROUP or d != len(self.lengths):
+            raise ValueError(f"PagedDecode: q {tuple(q.shape)} {q.dtype}, k/v "
+                             f"{tuple(k.shape)} {k.dtype} do not fit this step's tables")
+        out = torch.empty_like(q)
+        rc = self.lib.fanformer_paged_decode(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), int(q.dtype == torch.bfloat16),
+            self.tables.data_ptr(), self.tables.shape[1], self.lengths.data_ptr(), d, h, n_kv,
+            self.num_blocks, self.block_size, hd, hd ** -0.5, out.data_ptr(),
+            torch.get_num_threads())
+        if rc:
+            raise MemoryError("fanformer_paged_decode could not allocate its workspace")
+        return out

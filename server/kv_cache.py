@@ -7,8 +7,12 @@ offset p % block_size of block `table[p // block_size]`.
 
 Each step the engine runs one forward over a flattened (1, N) batch: the decode tokens
 (one per decoding sequence) first, then prefill chunks. `StepAttention` is the model's
-`KVCache` for that step: it writes the step's k/v into their blocks, runs one batched SDPA
-for all decode rows over a gather of their blocks, and one causal SDPA per prefill chunk.
+`KVCache` for that step: it writes the step's k/v into their blocks, runs the decode rows'
+attention, and one causal SDPA per prefill chunk. On CPU the decode rows run the native
+kernel (quant/native_cpu.c `fanformer_paged_decode`, where it runs: each row reads its own
+blocks in place through its block table, 2-3x the gather below at 16-64 rows,
+docs/ENGINE.md), or cascade decode when rows share a prefix (below); elsewhere one batched
+SDPA for all decode rows over a gather of their blocks.
 Blocks sit on dim 2 so that one `index_select` of the decode rows' blocks, viewed as
 (n_kv, rows, span, hd) and transposed, is what SDPA takes: one copy of the rows' K/V per
 layer, no second one. (docs/ENGINE.md "The KV cache" measures it against the slot cache it
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from fanformer.config import ModelConfig
+from quant import native_cpu
 
 SPAN_MULTIPLE = 64  # decode attention spans are padded (and masked) to a multiple of this
 CASCADE_MIN_ROWS = 2  # decode rows that must share a prefix for cascade decode
@@ -139,31 +144,50 @@ class StepAttention:
             n_dec += 1
         self.n_dec = n_dec
         self.prefix = None  # cascade decode: (row indices, prefix blocks) or None
+        self.native = None  # native decode attention over the block tables, or None
         if n_dec:
             dec = segments[:n_dec]
             if cascade and device.type == "cpu":
                 self.prefix = shared_prefix(dec, bs)
-            skip = [0] * n_dec  # leading blocks a row's own attention leaves to the prefix
-            if self.prefix is not None:
-                self._plan_prefix(*self.prefix, skip)
-                step = bs  # no batch invariance to keep: pad to whole blocks only
+            if self.prefix is None and device.type == "cpu" and native_cpu.library() and \
+                    pool.k.dtype in (torch.bfloat16, torch.float32):
+                # each row reads its own blocks in place: no gather, no padding, no mask
+                self.native = native_cpu.PagedDecode(
+                    [s.blocks[: s.start // bs + 1] for s in dec], [s.start + 1 for s in dec],
+                    pool.num_blocks, bs)
             else:
-                # Batch invariance: with the span a multiple of SPAN_MULTIPLE and the mask
-                # always given, a row's output is bitwise the same whatever the group's span
-                # (measured, bf16 and fp32, spans up to 1024); an exact span or a missing
-                # mask changes the kernel's blocking and the last bits.
-                step = math.lcm(SPAN_MULTIPLE, bs)
-            longest = max(s.start + 1 - k * bs for s, k in zip(dec, skip))
-            self.dec_span = -(-longest // step) * step
-            nb = self.dec_span // bs
-            # (D * nb,) each row's blocks after its skipped ones, padded with block 0 (masked)
-            table = [b for s, k in zip(dec, skip) for b in (s.blocks[k:] + [0] * nb)[:nb]]
-            self.dec_blocks = to_device(table, device)
-            keys = torch.arange(self.dec_span, device=device)
-            # (D,) each decode row's position, less the tokens of its skipped blocks
-            last = self.positions[0, :n_dec] - to_device([k * bs for k in skip], device)
-            self.dec_mask = (keys[None, :] <= last[:, None])[:, None, None, :]  # (D,1,1,S)
-        # prefill chunks: (token offset in the batch, blocks or None, start, length, mask)
+                self._plan_dense(dec)
+        self._plan_chunks(segments, n_dec)
+
+    def _plan_dense(self, dec: list[Segment]) -> None:
+        """The decode rows' gather (and cascade) metadata: each row's blocks as one padded
+        table, and its mask."""
+        device, bs, n_dec = self.pool.device, self.pool.block_size, self.n_dec
+        skip = [0] * n_dec  # leading blocks a row's own attention leaves to the prefix
+        if self.prefix is not None:
+            self._plan_prefix(*self.prefix, skip)
+            step = bs  # no batch invariance to keep: pad to whole blocks only
+        else:
+            # Batch invariance: with the span a multiple of SPAN_MULTIPLE and the mask
+            # always given, a row's output is bitwise the same whatever the group's span
+            # (measured, bf16 and fp32, spans up to 1024); an exact span or a missing
+            # mask changes the kernel's blocking and the last bits.
+            step = math.lcm(SPAN_MULTIPLE, bs)
+        longest = max(s.start + 1 - k * bs for s, k in zip(dec, skip))
+        self.dec_span = -(-longest // step) * step
+        nb = self.dec_span // bs
+        # (D * nb,) each row's blocks after its skipped ones, padded with block 0 (masked)
+        table = [b for s, k in zip(dec, skip) for b in (s.blocks[k:] + [0] * nb)[:nb]]
+        self.dec_blocks = to_device(table, device)
+        keys = torch.arange(self.dec_span, device=device)
+        # (D,) each decode row's position, less the tokens of its skipped blocks
+        last = self.positions[0, :n_dec] - to_device([k * bs for k in skip], device)
+        self.dec_mask = (keys[None, :] <= last[:, None])[:, None, None, :]  # (D,1,1,S)
+
+    def _plan_chunks(self, segments: list[Segment], n_dec: int) -> None:
+        """The prefill chunks: (token offset in the batch, blocks or None, start, length,
+        mask)."""
+        device, bs = self.pool.device, self.pool.block_size
         self.chunks = []
         offset = n_dec
         for s in segments[n_dec:]:
@@ -188,6 +212,10 @@ class StepAttention:
         outs = []
         if self.prefix is not None:
             outs.append(self._cascade_decode(kc, vc, q))
+        elif self.native is not None:
+            qd = q[0, :, :self.n_dec].transpose(0, 1).contiguous()  # (D, H, hd)
+            od = self.native(qd.to(kc.dtype), kc, vc).to(q.dtype)  # (D, H, hd)
+            outs.append(od.transpose(0, 1)[None])  # (1, H, D, hd)
         elif self.n_dec:
             d, span = self.n_dec, self.dec_span
             # one copy of the rows' blocks, (n_kv, D * nb, bs, hd), seen as (D, n_kv, S, hd)

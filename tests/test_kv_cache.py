@@ -1,6 +1,7 @@
-"""Cascade decode attention (server/kv_cache.py) against today's gather path: shared and
-unshared rows, contiguous and scattered prefix blocks, fp32 and bf16, GQA; the merge maths;
-which rows and blocks form the shared prefix."""
+"""Decode attention (server/kv_cache.py): cascade against the per-row path (native where
+it runs, else gather), and the native kernel against the gather path it replaces; shared
+and unshared rows, contiguous and scattered prefix blocks, fp32 and bf16, GQA; the merge
+maths; which rows and blocks form the shared prefix."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from fanformer.config import ModelConfig
+from quant import native_cpu
 from server.kv_cache import KVCachePool, Segment, StepAttention, merge_attention, shared_prefix
 
 BS = 16
@@ -75,6 +77,51 @@ def test_cascade_decode_equals_the_gather_path(dtype, tol, contiguous, heads):
     assert got.shape == want.shape == (1, h, n, 16) and got.dtype == dtype
     assert want.abs().max() < 2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
+
+
+def _rows(dtype, heads, lengths, seed):
+    rng = random.Random(seed)
+    pool = make_pool(*heads, dtype)
+    free = list(range(pool.num_blocks))
+    rng.shuffle(free)
+    segs = segments_for(lengths, [], [False] * len(lengths), free)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, hh, len(segs), 16, generator=gen).to(dtype)
+               for hh in (heads[0], heads[1], heads[1]))
+    return pool, segs, q, k, v
+
+
+needs_native = pytest.mark.skipif(native_cpu.library() is None,
+                                  reason="the native kernels do not run here")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2 * 2**-7)])
+@pytest.mark.parametrize("heads", [(4, 2), (2, 2), (8, 1)])
+def test_native_decode_equals_the_gather_path(dtype, tol, heads, monkeypatch):
+    """Each row read in place through its block table (quant/native_cpu.c) against the
+    gather + masked SDPA path it replaces on CPU; rows of 1 token to several blocks."""
+    pool, segs, q, k, v = _rows(dtype, heads, [1, 16, 17, 130, 64, 200, 33], seed=4)
+    att, got = attend(pool, segs, False, q, k, v)
+    assert att.native is not None
+    with monkeypatch.context() as m:
+        m.setattr(native_cpu, "library", lambda: None)
+        dense_att, want = attend(pool, segs, False, q, k, v)
+    assert dense_att.native is None
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_rows_never_mix(dtype):
+    """A row's attention is bitwise the same alone and among other rows of other lengths."""
+    pool, segs, q, k, v = _rows(dtype, (4, 2), [5, 150, 40, 90, 1], seed=5)
+    _, together = attend(pool, segs, False, q, k, v)
+    for i, seg in enumerate(segs):
+        sl = slice(i, i + 1)
+        _, alone = attend(pool, [seg], False, q[:, :, sl], k[:, :, sl], v[:, :, sl])
+        assert torch.equal(alone, together[:, :, sl]), i
 
 
 def test_cascade_decode_with_prefill_chunks_and_a_prefix_ending_at_a_row_token():
