@@ -1,5 +1,6 @@
-/* 4- or 8-bit weights x int8 activations on AVX-512 VNNI (AVX2: 4-bit): one call per
- * linear, batch-invariant.
+/* The native CPU kernels: a quantized linear (4- or 8-bit weights x int8 activations on
+ * AVX-512 VNNI; AVX2: 4-bit), one call per linear, and decode attention over the engine's
+ * paged KV cache (at the end of the file). Both batch-invariant.
  *
  * y (M, N) = x (M, K) @ W.T, W[n, k] = (code[n, k] - zero[g, n]) * scale[g, n], g = k / gs,
  * codes unsigned (4-bit: 0..15; 8-bit: symmetric int8 weights + 128, zero 128).

@@ -1,5 +1,6 @@
-"""The native CPU kernel for 4- and 8-bit weights (quant/native_cpu.c): build, load, pack,
-call.
+"""The native CPU kernels (quant/native_cpu.c): build, load, pack, call. A quantized
+linear for 4- and 8-bit weights (`NativeKernel`), and decode attention over the engine's
+paged KV cache (`PagedDecode`, which server/kv_cache.py calls).
 
 Why our own kernel: at 1-16 rows a 4-bit linear is memory- and overhead-bound, and aten's
 `_weight_int4pack_mm_for_cpu` (bf16 math, one weight decode per row) or the w8a8 path (a
