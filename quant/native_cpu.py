@@ -211,6 +211,8 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minus_zs:
         raise ValueError(f"native_cpu.linear: x must be a contiguous CPU bf16/fp32 (M, "
                          f"{inputs}) tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y  # no rows: nothing to call (the C side would allocate 0 bytes)
     small = k * n * bits <= 8 * SINGLE_THREAD_MAX_BYTES and m * k * n <= SINGLE_THREAD_MAX_WORK
     rc = (lib or library()).fanformer_wq_linear(
         x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, bits, packed.data_ptr(),

@@ -154,6 +154,14 @@ def test_bf16_in_bf16_out_rounds_like_torch():
 
 
 @needs_kernel
+def test_no_rows_give_no_rows():
+    codes, zeros, scales = _weights(256, 32, 64)
+    out = native_cpu.linear(torch.randn(0, 256), *native_cpu.pack(codes, zeros, scales, 64),
+                            32, 64)
+    assert out.shape == (0, 32)
+
+
+@needs_kernel
 def test_refuses_what_it_would_read_out_of_bounds():
     codes, zeros, scales = _weights(256, 32, 64)
     packed = native_cpu.pack(codes, zeros, scales, 64)
