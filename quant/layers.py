@@ -15,11 +15,13 @@ nearly flat at these sizes. With `batch_invariant` (the engine sets it from
 W8A8_MIN_WEIGHTS weights and w8a8 from there, and a request gives bitwise the same tokens
 alone and in a crowd (numbers in docs/QUANTIZATION.md):
 
-  weight-only (small calls): bf16 activations times the stored weights, aten
-      `_weight_int4pack_mm_for_cpu` (4-bit, groups of 32..256),
-      `_weight_int8pack_mm` (int8) or bitsandbytes' nf4 kernel. Their rows never mix
-      (checked by tests/test_quant_layers.py); 2-4x faster than bf16 `F.linear` at 1-4
-      rows, but they slow down in proportion to the rows.
+  weight-only (small calls): our native kernel where this CPU runs it (quant/native_cpu.py:
+      4-bit, and int8 on its AVX-512 build; int8 activations per weight group, rows apart
+      by construction, fast up to ~64 rows, hence its own bound NATIVE_MAX_WORK); else
+      bf16 activations times the stored weights, aten `_weight_int4pack_mm_for_cpu`
+      (4-bit, groups of 32..256), `_weight_int8pack_mm` (int8) or bitsandbytes' nf4
+      kernel. Their rows never mix (checked by tests/test_quant_layers.py); 2-4x faster
+      than bf16 `F.linear` at 1-4 rows, but they slow down in proportion to the rows.
   w8a8 (big calls, and formats no weight-only kernel takes): each row quantized to int8
       on its own absmax grid, an integer GEMM with per-channel int8 weights (4-bit and
       nf4 weights requantized once), then the row and channel scales. Integer sums are
