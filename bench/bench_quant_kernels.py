@@ -69,8 +69,8 @@ def candidates(k: int, n: int) -> dict:
     out = {"bf16 dense": lambda x: F.linear(x, wb)}
     out["w8 weight-only"] = lambda x: torch.ops.aten._weight_int8pack_mm(
         x, w8, w_scale.to(torch.bfloat16))
-    lib, group = native_cpu.library(), native_cpu.activation_group(k)
-    if lib is not None and lib.isa == "avx512" and group:
+    group = native_cpu.activation_group(k)
+    if native_cpu.full_build() and group:
         out["w8 native"] = native_cpu.NativeKernel(
             *native_cpu.int8_as_codes(w8, w_scale, group), group, bits=8)
     if k % 64 == 0:

@@ -144,7 +144,7 @@ class QuantLinear(nn.Module):
         weight-only kernel by default: 0 where there is none."""
         if self._kernel("weight-only") is None:
             return 0
-        if self.runs_native() and native_cpu.library().isa == "avx512":
+        if self.runs_native() and native_cpu.full_build():
             return NATIVE_MAX_WORK
         return WEIGHT_ONLY_MAX_WORK  # the AVX2 build: where aten's would run, and faster
 
@@ -230,8 +230,8 @@ class Int8Linear(QuantLinear):
         return self.weight, self.SCB / 127
 
     def _weight_only_kernel(self):
-        lib, group = native_cpu.library(), native_cpu.activation_group(self.in_features)
-        if lib is not None and lib.isa == "avx512" and group and self.weight.device.type == "cpu":
+        group = native_cpu.activation_group(self.in_features)
+        if native_cpu.full_build() and group and self.weight.device.type == "cpu":
             codes = native_cpu.int8_as_codes(self.weight, self.SCB / 127, group)
             return native_cpu.NativeKernel(*codes, group, bits=8)
         weight = self.weight

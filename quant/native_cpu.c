@@ -307,10 +307,7 @@ int fanformer_wq_linear(const void *x, int bf16, int64_t M, int64_t K, int bits,
 static inline void row_to_float(const void *src, int bf16, int64_t i, int64_t n, float *dst) {
     if (bf16) {
         const uint16_t *s = (const uint16_t *)src + i;
-        for (int64_t j = 0; j < n; j++) {
-            uint32_t u = (uint32_t)s[j] << 16;
-            memcpy(dst + j, &u, 4);
-        }
+        for (int64_t j = 0; j < n; j++) dst[j] = bf16_to_float(s[j]);
     } else {
         memcpy(dst, (const float *)src + i, sizeof(float) * (size_t)n);
     }

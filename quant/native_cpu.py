@@ -29,9 +29,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+
+from fanformer.checkpoint import current_umask
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ SINGLE_THREAD_MAX_BYTES = 1 << 18
 SINGLE_THREAD_MAX_WORK = 1 << 23
 DISABLE_ENV = "FANFORMER_NATIVE_KERNELS"
 ISA_ENV = "FANFORMER_NATIVE_ISA"  # force a build ("avx2" on an AVX-512 CPU: for tests)
+CACHE_ENV = "FANFORMER_KERNEL_CACHE"
 
 
 def cpu_flags() -> set[str]:
@@ -64,7 +68,7 @@ def cpu_flags() -> set[str]:
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("FANFORMER_KERNEL_CACHE")
+    env = os.environ.get(CACHE_ENV)
     return Path(env) if env else Path.home() / ".cache" / "fanformer" / "kernels"
 
 
@@ -80,14 +84,16 @@ def _compile(compiler: str, isa: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
+    start = time.perf_counter()
     try:
         subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"],
                        capture_output=True, text=True, check=True)
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o777 & ~current_umask())  # what the compiler's own output would get
         os.replace(tmp, target)  # atomic: a concurrent build leaves one complete file
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    log.info("native CPU kernel: built %s in %.1f s", target, time.perf_counter() - start)
     return target
 
 
@@ -145,8 +151,16 @@ def library() -> ctypes.CDLL | None:
         else:
             log.info("native CPU kernel: the %s build", isa)
             return lib
-    log.info("native CPU kernel off (%s): quantized layers use aten's kernels", why)
+    log.info("native CPU kernel off (%s): quantized layers and decode attention use "
+             "torch's paths", why)
     return None
+
+
+def full_build() -> bool:
+    """Whether the AVX-512 build runs here: the one with an 8-bit path (int8 layers) and
+    fast enough for quant.layers.NATIVE_MAX_WORK's wider row bound."""
+    lib = library()
+    return lib is not None and lib.isa == "avx512"
 
 
 def pack(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -181,21 +195,6 @@ def activation_group(k: int) -> int | None:
     """The activation group of a layer whose weights have no groups (int8): 128 inputs,
     or the largest of 64, 32, 16 that divides K; None when 16 does not."""
     return next((g for g in (128, 64, 32, 16) if k % g == 0), None)
-
-
-def reference(x: torch.Tensor, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
-              group_size: int) -> torch.Tensor:
-    """What the kernel computes, in float64 torch (the tests' oracle): x (M, K) -> (M, N)."""
-    m, k = x.shape
-    xg = x.double().reshape(m, k // group_size, group_size)  # (M, G, gs)
-    amax = xg.float().abs().amax(-1, keepdim=True)  # (M, G, 1), fp32 as in the kernel
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-    q = torch.round(xg.float() * inv).double()  # (M, G, gs)
-    a_scale, a_sum = (amax / 127).double(), q.sum(-1, keepdim=True)  # (M, G, 1)
-    cg = codes.double().reshape(k // group_size, group_size, -1)  # (G, gs, N)
-    dots = torch.einsum("mgk,gkn->mgn", q, cg)  # (M, G, N)
-    per_group = scales.double() * dots - (zeros.double() * scales.double()) * a_sum
-    return (a_scale * per_group).sum(1)  # (M, N)
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minus_zs: torch.Tensor,

@@ -149,8 +149,9 @@ class StepAttention:
             dec = segments[:n_dec]
             if cascade and device.type == "cpu":
                 self.prefix = shared_prefix(dec, bs)
-            if self.prefix is None and device.type == "cpu" and native_cpu.library() and \
-                    pool.k.dtype in (torch.bfloat16, torch.float32):
+            native = device.type == "cpu" and native_cpu.library() is not None and \
+                pool.k.dtype in (torch.bfloat16, torch.float32)
+            if self.prefix is None and native:
                 # each row reads its own blocks in place: no gather, no padding, no mask
                 self.native = native_cpu.PagedDecode(
                     [s.blocks[: s.start // bs + 1] for s in dec], [s.start + 1 for s in dec],
