@@ -24,222 +24,7 @@
  * Built at run time by quant/native_cpu.py (gcc, -fopenmp); loaded after torch, so the
  * OpenMP runtime is torch's own libgomp and the threads are its pool.
  */
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#define BLOCK 16 /* output channels per block: one zmm (two ymm) of int32 lanes */
-#ifdef FANFORMER_AVX512
-#define ROWS 8 /* rows sharing one decoded weight vector (then 4, then 1) */
-#else
-#define ROWS 2 /* AVX2 has 16 registers: two rows, then one */
-#endif
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* round to nearest even, as torch does for finite values */
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFF + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-
-#ifdef FANFORMER_AVX512
-
-static inline __m512 load16(const void *x, int bf16, int64_t i) {
-    if (bf16) {
-        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_loadu_ps((const float *)x + i);
-}
-
-/* fp32 -> bf16, round to nearest even (what torch's .to(torch.bfloat16) does for finite
- * values), stored with a lane mask for the last block of channels. */
-static inline void store16(void *y, int bf16, int64_t i, __m512 v, __mmask16 mask) {
-    if (bf16) {
-        __m512i u = _mm512_castps_si512(v);
-        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
-        __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-        _mm256_mask_storeu_epi16((uint16_t *)y + i, mask, h);
-    } else {
-        _mm512_mask_storeu_ps((float *)y + i, mask, v);
-    }
-}
-
-/* Row m of x, group by group: int8 codes q (K), scales a_scale (G), code sums a_sum (G). */
-static void quantize_row(const void *x, int bf16, int64_t K, int64_t gs, int8_t *q,
-                         float *a_scale, float *a_sum) {
-    for (int64_t g0 = 0, g = 0; g0 < K; g0 += gs, g++) {
-        __m512 amax = _mm512_setzero_ps();
-        for (int64_t k = g0; k < g0 + gs; k += 16)
-            amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x, bf16, k)));
-        float m = _mm512_reduce_max_ps(amax);
-        float inv = m > 0.0f ? 127.0f / m : 0.0f;
-        __m512 vinv = _mm512_set1_ps(inv);
-        __m512i sum = _mm512_setzero_si512();
-        for (int64_t k = g0; k < g0 + gs; k += 16) {
-            __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(load16(x, bf16, k), vinv),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            __m512i c = _mm512_cvtps_epi32(r);
-            sum = _mm512_add_epi32(sum, c);
-            _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtepi32_epi8(c));
-        }
-        a_scale[g] = m / 127.0f;
-        a_sum[g] = (float)_mm512_reduce_add_epi32(sum);
-    }
-}
-
-/* Rows m0 .. m0+R-1 times one block of 16 channels. R is a compile-time constant at each
- * call, so the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void block_rows(
-    const int R, const int8_t *q, const float *a_scale, const float *a_sum, int64_t m0,
-    int64_t K, int64_t G, int64_t gs, int bits, const uint8_t *wblock, const float *scale,
-    const float *minus_zs, int64_t Np, int64_t n0, void *y, int ybf16, int64_t N,
-    __mmask16 mask) {
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    __m512 out[ROWS];
-    for (int r = 0; r < R; r++) out[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-        __m512i acc[ROWS];
-        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
-        if (bits == 4) {
-            const uint8_t *w = wblock + g * (gs / 8) * 64;
-            for (int64_t k8 = 0; k8 < gs / 8; k8++) {
-                __m512i packed = _mm512_loadu_si512((const void *)(w + k8 * 64));
-                __m512i lo = _mm512_and_si512(packed, low);
-                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
-                int64_t k = g * gs + k8 * 8;
-                for (int r = 0; r < R; r++) {
-                    int32_t a0, a1;
-                    memcpy(&a0, q + (m0 + r) * K + k, 4);
-                    memcpy(&a1, q + (m0 + r) * K + k + 4, 4);
-                    acc[r] = _mm512_dpbusd_epi32(acc[r], lo, _mm512_set1_epi32(a0));
-                    acc[r] = _mm512_dpbusd_epi32(acc[r], hi, _mm512_set1_epi32(a1));
-                }
-            }
-        } else { /* 8-bit codes, one byte each: 64 bytes = 16 channels x 4 inputs */
-            const uint8_t *w = wblock + g * (gs / 4) * 64;
-            for (int64_t k4 = 0; k4 < gs / 4; k4++) {
-                __m512i codes = _mm512_loadu_si512((const void *)(w + k4 * 64));
-                int64_t k = g * gs + k4 * 4;
-                for (int r = 0; r < R; r++) {
-                    int32_t a0;
-                    memcpy(&a0, q + (m0 + r) * K + k, 4);
-                    acc[r] = _mm512_dpbusd_epi32(acc[r], codes, _mm512_set1_epi32(a0));
-                }
-            }
-        }
-        __m512 s = _mm512_loadu_ps(scale + g * Np + n0);
-        __m512 mz = _mm512_loadu_ps(minus_zs + g * Np + n0);
-        for (int r = 0; r < R; r++) {
-            int64_t i = (m0 + r) * G + g;
-            __m512 t = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(acc[r]),
-                                       _mm512_mul_ps(mz, _mm512_set1_ps(a_sum[i])));
-            out[r] = _mm512_fmadd_ps(_mm512_set1_ps(a_scale[i]), t, out[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) store16(y, ybf16, (m0 + r) * N + n0, out[r], mask);
-}
-
-#else /* AVX2 */
-
-static inline float load1(const void *x, int bf16, int64_t i) {
-    return bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
-}
-
-/* As the AVX-512 build: the same amax, the same fp32 products, the same rounding (half to
- * even: nearbyintf in the default rounding mode), so the same codes and scales. */
-static void quantize_row(const void *x, int bf16, int64_t K, int64_t gs, int8_t *q,
-                         float *a_scale, float *a_sum) {
-    for (int64_t g0 = 0, g = 0; g0 < K; g0 += gs, g++) {
-        float m = 0.0f;
-        for (int64_t k = g0; k < g0 + gs; k++) {
-            float a = fabsf(load1(x, bf16, k));
-            m = a > m ? a : m;
-        }
-        float inv = m > 0.0f ? 127.0f / m : 0.0f;
-        int32_t sum = 0;
-        for (int64_t k = g0; k < g0 + gs; k++) {
-            int32_t c = (int32_t)nearbyintf(load1(x, bf16, k) * inv);
-            sum += c;
-            q[k] = (int8_t)c;
-        }
-        a_scale[g] = m / 127.0f;
-        a_sum[g] = (float)sum;
-    }
-}
-
-static inline __m256i dot4(__m256i acc, __m256i codes, __m256i a) {
-    __m256i pairs = _mm256_maddubs_epi16(codes, a);  /* u8 x s8, pairs summed to int16 */
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
-static inline __attribute__((always_inline)) void block_rows(
-    const int R, const int8_t *q, const float *a_scale, const float *a_sum, int64_t m0,
-    int64_t K, int64_t G, int64_t gs, int bits, const uint8_t *wblock, const float *scale,
-    const float *minus_zs, int64_t Np, int64_t n0, void *y, int ybf16, int64_t N,
-    int64_t valid) {
-    (void)bits; /* 4 only: the entry refuses 8 in this build */
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    __m256 out[ROWS][2];
-    for (int r = 0; r < R; r++) out[r][0] = out[r][1] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-        __m256i acc[ROWS][2];
-        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-        const uint8_t *w = wblock + g * (gs / 8) * 64;
-        for (int64_t k8 = 0; k8 < gs / 8; k8++) {
-            __m256i lo[2], hi[2];
-            for (int h = 0; h < 2; h++) {
-                __m256i packed = _mm256_loadu_si256((const __m256i *)(w + k8 * 64 + h * 32));
-                lo[h] = _mm256_and_si256(packed, low);
-                hi[h] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-            }
-            int64_t k = g * gs + k8 * 8;
-            for (int r = 0; r < R; r++) {
-                int32_t a0, a1;
-                memcpy(&a0, q + (m0 + r) * K + k, 4);
-                memcpy(&a1, q + (m0 + r) * K + k + 4, 4);
-                __m256i b0 = _mm256_set1_epi32(a0), b1 = _mm256_set1_epi32(a1);
-                for (int h = 0; h < 2; h++)
-                    acc[r][h] = dot4(dot4(acc[r][h], lo[h], b0), hi[h], b1);
-            }
-        }
-        for (int h = 0; h < 2; h++) {
-            __m256 s = _mm256_loadu_ps(scale + g * Np + n0 + 8 * h);
-            __m256 mz = _mm256_loadu_ps(minus_zs + g * Np + n0 + 8 * h);
-            for (int r = 0; r < R; r++) {
-                int64_t i = (m0 + r) * G + g;
-                __m256 t = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(acc[r][h]),
-                                           _mm256_mul_ps(mz, _mm256_set1_ps(a_sum[i])));
-                out[r][h] = _mm256_fmadd_ps(_mm256_set1_ps(a_scale[i]), t, out[r][h]);
-            }
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        float lanes[BLOCK];
-        _mm256_storeu_ps(lanes, out[r][0]);
-        _mm256_storeu_ps(lanes + 8, out[r][1]);
-        int64_t base = (m0 + r) * N + n0;
-        for (int64_t j = 0; j < valid; j++) {
-            if (ybf16)
-                ((uint16_t *)y)[base + j] = float_to_bf16(lanes[j]);
-            else
-                ((float *)y)[base + j] = lanes[j];
-        }
-    }
-}
-
-#endif
+#include "native_kernels.h"
 
 /* x (M, K) fp32 or bf16 (bf16 != 0), y (M, N) in the same dtype. packed: (Np / 16) blocks
  * of K * 16 * bits / 8 bytes (4-bit: the nibble layout above; 8-bit: per 4 inputs, 16
@@ -255,7 +40,7 @@ int fanformer_wq_linear(const void *x, int bf16, int64_t M, int64_t K, int bits,
 #else
     if (bits != 4) return -2;
 #endif
-    const int64_t G = K / gs, blocks = Np / BLOCK;
+    const int64_t G = K / gs;
     int8_t *q = (int8_t *)malloc((size_t)(M * K));
     float *a_scale = (float *)malloc(sizeof(float) * (size_t)(M * G));
     float *a_sum = (float *)malloc(sizeof(float) * (size_t)(M * G));
@@ -263,35 +48,8 @@ int fanformer_wq_linear(const void *x, int bf16, int64_t M, int64_t K, int bits,
         free(q); free(a_scale); free(a_sum);
         return -1;
     }
-    const size_t row_bytes = bf16 ? 2 : 4;
 #pragma omp parallel num_threads(nthreads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++)
-            quantize_row((const char *)x + m * K * row_bytes, bf16, K, gs, q + m * K,
-                         a_scale + m * G, a_sum + m * G);
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++) {
-            const int64_t n0 = b * BLOCK;
-#ifdef FANFORMER_AVX512
-            const __mmask16 mask = N - n0 >= BLOCK ? (__mmask16)0xFFFF
-                                                   : (__mmask16)((1u << (N - n0)) - 1);
-#else
-            const int64_t mask = N - n0 >= BLOCK ? BLOCK : N - n0;  /* valid channels */
-#endif
-            const uint8_t *wblock = packed + b * K * BLOCK * bits / 8;
-            int64_t m0 = 0;
-            for (; m0 + ROWS <= M; m0 += ROWS)
-                block_rows(ROWS, q, a_scale, a_sum, m0, K, G, gs, bits, wblock, scale, minus_zs,
-                           Np, n0, y, bf16, N, mask);
-            for (; m0 + ROWS / 2 <= M; m0 += ROWS / 2)
-                block_rows(ROWS / 2, q, a_scale, a_sum, m0, K, G, gs, bits, wblock, scale,
-                           minus_zs, Np, n0, y, bf16, N, mask);
-            for (; m0 < M; m0++)
-                block_rows(1, q, a_scale, a_sum, m0, K, G, gs, bits, wblock, scale, minus_zs, Np,
-                           n0, y, bf16, N, mask);
-        }
-    }
+    wq_linear_rows(x, bf16, M, K, bits, packed, scale, minus_zs, N, Np, gs, y, q, a_scale, a_sum);
     free(q); free(a_scale); free(a_sum);
     return 0;
 }
@@ -304,15 +62,6 @@ int fanformer_wq_linear(const void *x, int bf16, int64_t M, int64_t K, int bits,
  * padding, no mask. fp32 scores, softmax and sums; q, K/V and out bf16 (bf16 != 0) or
  * fp32. A (row, kv head) pair is computed the same way whatever the other rows are: the
  * result is batch-invariant. Returns 0, or -1 when the workspace cannot be allocated. */
-static inline void row_to_float(const void *src, int bf16, int64_t i, int64_t n, float *dst) {
-    if (bf16) {
-        const uint16_t *s = (const uint16_t *)src + i;
-        for (int64_t j = 0; j < n; j++) dst[j] = bf16_to_float(s[j]);
-    } else {
-        memcpy(dst, (const float *)src + i, sizeof(float) * (size_t)n);
-    }
-}
-
 int fanformer_paged_decode(const void *q, const void *kc, const void *vc, int bf16,
                            const int64_t *tables, int64_t table_stride, const int64_t *lens,
                            int64_t D, int64_t H, int64_t n_kv, int64_t num_blocks, int64_t bs,
@@ -332,54 +81,8 @@ int fanformer_paged_decode(const void *q, const void *kc, const void *vc, int bf
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < D * n_kv; item++) {
             if (!buf) continue;
-            const int64_t d = item / n_kv, kvh = item % n_kv, len = lens[d];
-            float *qf = buf, *row = qf + g * hd, *s = row + hd, *acc = s + g * longest;
-            for (int64_t j = 0; j < g; j++)
-                row_to_float(q, bf16, (d * H + kvh * g + j) * hd, hd, qf + j * hd);
-            const int64_t *table = tables + d * table_stride;
-            for (int64_t t = 0; t < len; t++) {
-                const int64_t at = ((kvh * num_blocks + table[t / bs]) * bs + t % bs) * hd;
-                row_to_float(kc, bf16, at, hd, row);
-                for (int64_t j = 0; j < g; j++) {
-                    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                    for (int64_t i = 0; i < hd; i++) dot += qf[j * hd + i] * row[i];
-                    s[j * longest + t] = dot * scale;
-                }
-            }
-            float total[64]; /* g <= 64: checked by the caller */
-            for (int64_t j = 0; j < g; j++) {
-                float m = s[j * longest];
-                for (int64_t t = 1; t < len; t++) m = s[j * longest + t] > m ? s[j * longest + t] : m;
-                float sum = 0.0f;
-                for (int64_t t = 0; t < len; t++) {
-                    float p = expf(s[j * longest + t] - m);
-                    s[j * longest + t] = p;
-                    sum += p;
-                }
-                total[j] = sum;
-                for (int64_t i = 0; i < hd; i++) acc[j * hd + i] = 0.0f;
-            }
-            for (int64_t t = 0; t < len; t++) {
-                const int64_t at = ((kvh * num_blocks + table[t / bs]) * bs + t % bs) * hd;
-                row_to_float(vc, bf16, at, hd, row);
-                for (int64_t j = 0; j < g; j++) {
-                    const float p = s[j * longest + t];
-#pragma omp simd
-                    for (int64_t i = 0; i < hd; i++) acc[j * hd + i] += p * row[i];
-                }
-            }
-            for (int64_t j = 0; j < g; j++) {
-                const int64_t o = (d * H + kvh * g + j) * hd;
-                const float inv = 1.0f / total[j];
-                for (int64_t i = 0; i < hd; i++) {
-                    const float v = acc[j * hd + i] * inv;
-                    if (bf16)
-                        ((uint16_t *)out)[o + i] = float_to_bf16(v);
-                    else
-                        ((float *)out)[o + i] = v;
-                }
-            }
+            attend_item(q, kc, vc, bf16, tables, table_stride, lens, item, H, n_kv, num_blocks,
+                        bs, hd, longest, scale, out, buf);
         }
         free(buf);
     }

@@ -38,7 +38,9 @@ from fanformer.checkpoint import current_umask
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native_cpu.c")
+# compiled together into one library; the header is hashed into the key with them
+SOURCES = [Path(__file__).with_name(name) for name in ("native_cpu.c", "native_step.c")]
+HEADER = Path(__file__).with_name("native_kernels.h")
 COMMON_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]
 # the builds, best first: compiler flags, and the /proc/cpuinfo flags a CPU needs for them
 ISAS = {
@@ -77,7 +79,8 @@ def _compile(compiler: str, isa: str) -> Path:
     flags = [*COMMON_FLAGS, *ISAS[isa][0]]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags]).encode())
+    texts = [p.read_text() for p in (*SOURCES, HEADER)]
+    key = hashlib.sha256("\0".join([*texts, version, *flags]).encode())
     target = cache_dir() / f"native_cpu-{isa}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -86,7 +89,7 @@ def _compile(compiler: str, isa: str) -> Path:
     os.close(fd)
     start = time.perf_counter()
     try:
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"],
+        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"],
                        capture_output=True, text=True, check=True)
         os.chmod(tmp, 0o777 & ~current_umask())  # what the compiler's own output would get
         os.replace(tmp, target)  # atomic: a concurrent build leaves one complete file
@@ -127,6 +130,9 @@ def load(isa: str) -> ctypes.CDLL:
                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                     ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    step = lib.fanformer_decode_step  # its structs: server/native_step.py
+    step.restype = ctypes.c_int
+    step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 

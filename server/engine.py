@@ -24,6 +24,7 @@ from fanformer.tokenizer import Tokenizer
 from server.block_pool import BlockPool
 from server.detokenizer import IncrementalDetokenizer
 from server.kv_cache import KVCachePool, Segment, StepAttention, to_device
+from server.native_step import NativeDecodeStep
 from server.outputs import (  # noqa: F401 - the engine's errors, importable from here
     EngineDeadError,
     EngineError,
@@ -135,8 +136,10 @@ class LLMEngine:
         fp32_logits = config.fp32_logits
         if fp32_logits is None:
             fp32_logits = self.device.type == "cuda"
+        quantized = False
         for module in self.model.modules():  # quantized layers (quant/layers.py) have it
             if hasattr(module, "batch_invariant"):
+                quantized = True
                 module.batch_invariant = config.batch_invariant
                 if self.device.type == "cpu":
                     module.prepare(1)  # the decode step's kernel, built before any request
@@ -144,6 +147,10 @@ class LLMEngine:
         # a quantized head (a drop-in module, not an nn.Linear) keeps its own kernel
         self.head_fp32 = head.weight.float() if fp32_logits and isinstance(head, nn.Linear) \
             else None  # (padded vocab, d)
+        # small decode steps of a quantized model in one C call (server/native_step.py); not
+        # when batch-invariant: larger steps run the eager model, whose bits differ slightly
+        self.native_step = NativeDecodeStep.build(self.model, self.pool) if (
+            quantized and self.device.type == "cpu" and not config.batch_invariant) else None
 
     # ---- requests ----
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -208,8 +215,12 @@ class LLMEngine:
         ids = [c.request.token_at(c.start + i) for c in plan.chunks for i in range(c.length)]
         segments = [Segment(c.request.blocks.block_ids, c.start, c.length)
                     for c in plan.chunks]
-        # cascade decode changes a row's bits with its neighbours: not when batch-invariant
-        attention = StepAttention(self.pool, segments, cascade=not self.config.batch_invariant)
+        native = self.native_step is not None and all(c.length == 1 for c in plan.chunks) \
+            and self.native_step.supports(len(plan.chunks))
+        # cascade decode changes a row's bits with its neighbours: not when batch-invariant;
+        # the native step reads each row's blocks through the plain (non-cascade) tables
+        attention = StepAttention(self.pool, segments,
+                                  cascade=not (self.config.batch_invariant or native))
         wanted: list[int] = []  # batch indices whose logits we compute
         rows: list[list[int]] = []
         offset = 0
@@ -228,7 +239,10 @@ class LLMEngine:
                 torch.set_num_threads(threads)
         model = self.model
         input_ids = to_device(ids, self.device)[None]  # (1, N)
-        hidden = model.hidden_states(input_ids, attention.positions, attention)  # (1, N, d)
+        if native and attention.native is not None:
+            hidden = self.native_step(input_ids[0], attention)[None]  # (1, N, d)
+        else:
+            hidden = model.hidden_states(input_ids, attention.positions, attention)  # (1, N, d)
         # the LM head only on the rows we sample from (or score): the model's forward would
         # run it over every prefill token
         h = hidden[0, to_device(wanted, self.device)]  # (R, d)

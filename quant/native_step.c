@@ -1,0 +1,238 @@
+/* A whole decode step of a quantized FANformer in one call: every block of the model for R
+ * decode rows (one token each), in one OpenMP region.
+ *
+ * Why: a one-row step in eager PyTorch is ~2,000 small aten calls around 61 linears; the
+ * linears are a third of it (docs/ENGINE.md "The native decode step"). Here each block is
+ * the same sequence of the same kernels (native_kernels.h: the quantized linear, the paged
+ * decode attention) with the elementwise work between them done in place, and the threads
+ * are woken once per step instead of once per op.
+ *
+ * The block (fanformer/model.py `Block`, eval mode): HybridNorm* or pre-norm, the FAN layer,
+ * CoLA or dense projections, per-head QKV norms, RoPE (rotate-half), paged GQA attention,
+ * gated residuals, SwiGLU. Every op rounds to bf16 where the eager bf16 model rounds (each
+ * aten op computes in fp32 and rounds its result), so the two agree to bf16 rounding; they
+ * are not bitwise equal (RMSNorm's sum order, expf and cosf against torch's vectorized
+ * ones). Each row is computed alone: the result does not depend on the other rows.
+ * The Python side (server/native_step.py) builds the descriptors and checks every shape.
+ */
+#include <omp.h>
+
+#include "native_kernels.h"
+
+typedef struct {  /* one quantized linear in native_cpu.c's layout */
+    const uint8_t *packed;
+    const float *scale, *minus_zs;  /* (K / gs, Np) */
+    const uint16_t *bias;           /* (N) bf16, or NULL */
+    const int64_t *perm;            /* (K): act-order GPTQ reads x[perm], or NULL */
+    const uint16_t *in_scale;       /* (K) bf16: AWQ's 1 / s, multiplied in first, or NULL */
+    int64_t K, N, Np, gs, bits;
+} linear_t;
+
+typedef struct {  /* a projection: a(x), or with cola: b(silu(a(x))) */
+    linear_t a, b;
+    int64_t cola;
+} proj_t;
+
+typedef struct {
+    proj_t fan, qkv, o, gate, up, down;
+    const uint16_t *attn_norm, *ffn_norm;       /* (d) RMSNorm gains; attn_norm may be NULL */
+    const uint16_t *q_norm, *k_norm, *v_norm;   /* (hd) QKV-norm gains, or NULL */
+    const uint16_t *attn_gate, *ffn_gate;       /* (d) sigmoid(gate) in bf16, or NULL */
+    void *kc, *vc;                              /* the layer's (n_kv, num_blocks, bs, hd) */
+    int64_t fan_periodic;                       /* cos/sin width of the FAN layer; 0: none */
+    int64_t prenorm_ffn;                        /* residual of the FFN: y (1) or Norm(y) (0) */
+} layer_t;
+
+typedef struct {
+    int64_t R, d, H, n_kv, hd, n_layers, num_blocks, bs, table_stride;
+    int64_t max_width;  /* the widest linear input or output, for the scratch rows */
+    float eps, scale;   /* RMSNorm epsilon, attention scale */
+    const uint16_t *cos, *sin;   /* (R, hd / 2) bf16: each row's RoPE tables */
+    const int64_t *write_index;  /* (R): block * bs + offset of each row's new token */
+    const int64_t *tables, *lens;  /* (R, table_stride) block ids; (R) positions to attend */
+} step_t;
+
+static inline uint16_t round_bf16(float f) { return float_to_bf16(f); }
+static inline float bf(uint16_t h) { return bf16_to_float(h); }
+
+/* out (n) = bf16(x * rsqrt(mean(x^2) + eps) * w): torch's bf16 RMSNorm */
+static void rms_norm(const uint16_t *x, const uint16_t *w, int64_t n, float eps, uint16_t *out) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; i++) ss += bf(x[i]) * bf(x[i]);
+    const float rstd = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = round_bf16(bf(x[i]) * rstd * bf(w[i]));
+}
+
+static inline uint16_t silu_bf16(uint16_t h) {
+    const float v = bf(h);
+    return round_bf16(v / (1.0f + expf(-v)));
+}
+
+typedef struct {  /* shared scratch of one call */
+    uint16_t *xp, *mid;   /* (R, max_width): a linear's prepared input; CoLA's inner rows */
+    int8_t *q8;           /* (R, max_width) activation codes */
+    float *a_scale, *a_sum;  /* (R, max_width / 16) */
+} scratch_t;
+
+/* y (R, N) bf16 = linear(x (R, K) bf16); inside the parallel region */
+static void run_linear(const linear_t *l, int64_t R, const uint16_t *x, uint16_t *y,
+                       const scratch_t *w) {
+    const uint16_t *in = x;
+    if (l->perm || l->in_scale) {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < R; m++)
+            for (int64_t k = 0; k < l->K; k++)
+                w->xp[m * l->K + k] = l->perm ? x[m * l->K + l->perm[k]]
+                                              : round_bf16(bf(x[m * l->K + k]) * bf(l->in_scale[k]));
+        in = w->xp;
+    }
+    wq_linear_rows(in, 1, R, l->K, (int)l->bits, l->packed, l->scale, l->minus_zs, l->N, l->Np,
+                   l->gs, y, w->q8, w->a_scale, w->a_sum);
+    if (l->bias) {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < R; m++)
+            for (int64_t n = 0; n < l->N; n++)
+                y[m * l->N + n] = round_bf16(bf(y[m * l->N + n]) + bf(l->bias[n]));
+    }
+}
+
+static void run_proj(const proj_t *p, int64_t R, const uint16_t *x, uint16_t *y,
+                     const scratch_t *w) {
+    if (!p->cola) {
+        run_linear(&p->a, R, x, y, w);
+        return;
+    }
+    run_linear(&p->a, R, x, w->mid, w);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < R * p->a.N; i++) w->mid[i] = silu_bf16(w->mid[i]);
+    run_linear(&p->b, R, w->mid, y, w);
+}
+
+/* q, k: (heads, hd) rotated in place by one row's cos/sin (hd / 2): rotate-half, each product
+ * and sum rounded as torch's bf16 ops round them */
+static void rope(uint16_t *x, int64_t heads, int64_t hd, const uint16_t *cos, const uint16_t *sin) {
+    const int64_t half = hd / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        uint16_t *v = x + h * hd;
+        for (int64_t i = 0; i < half; i++) {
+            const float x1 = bf(v[i]), x2 = bf(v[i + half]), c = bf(cos[i]), s = bf(sin[i]);
+            const float r1 = bf(round_bf16(x1 * c)) - bf(round_bf16(x2 * s));
+            const float r2 = bf(round_bf16(x2 * c)) + bf(round_bf16(x1 * s));
+            v[i] = round_bf16(r1);
+            v[i + half] = round_bf16(r2);
+        }
+    }
+}
+
+/* x + gate * branch, rounded as `x + sigmoid(gate).to(bf16) * branch` is */
+static inline uint16_t gated_add(uint16_t x, const uint16_t *gate, int64_t i, uint16_t branch) {
+    const float b = gate ? bf(round_bf16(bf(gate[i]) * bf(branch))) : bf(branch);
+    return round_bf16(bf(x) + b);
+}
+
+/* Buffers of the step: (R, width) bf16 rows unless said */
+typedef struct {
+    uint16_t *h, *xf, *qkv, *attn, *a, *y, *n, *g, *u, *f;
+} rows_t;
+
+static void block(const layer_t *L, const step_t *s, uint16_t *x, const rows_t *b,
+                  const scratch_t *w, float *att_buf, int64_t longest) {
+    const int64_t R = s->R, d = s->d, H = s->H, n_kv = s->n_kv, hd = s->hd;
+    const int64_t width = (H + 2 * n_kv) * hd;
+    const uint16_t *in = x;
+    if (L->attn_norm) {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < R; m++) rms_norm(x + m * d, L->attn_norm, d, s->eps, b->h + m * d);
+        in = b->h;
+    }
+    if (L->fan_periodic) {  /* X_F = [cos(P) | sin(P) | G] from one projection (P | G) */
+        const int64_t p = L->fan_periodic, pg = d - p;
+        run_proj(&L->fan, R, in, b->a, w);  /* (R, p + g) = (R, d - p) */
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < R; m++) {
+            const uint16_t *src = b->a + m * pg;
+            uint16_t *dst = b->xf + m * d;
+            for (int64_t i = 0; i < p; i++) {
+                dst[i] = round_bf16(cosf(bf(src[i])));
+                dst[p + i] = round_bf16(sinf(bf(src[i])));
+            }
+            memcpy(dst + 2 * p, src + p, sizeof(uint16_t) * (size_t)(pg - p));
+        }
+        in = b->xf;
+    }
+    run_proj(&L->qkv, R, in, b->qkv, w);  /* (R, (H + 2 n_kv) hd): q | k | v */
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < R; m++) {
+        uint16_t *row = b->qkv + m * width;
+        uint16_t *q = row, *k = row + H * hd, *v = k + n_kv * hd;
+        if (L->q_norm) {
+            for (int64_t h = 0; h < H; h++) rms_norm(q + h * hd, L->q_norm, hd, s->eps, q + h * hd);
+            for (int64_t h = 0; h < n_kv; h++) {
+                rms_norm(k + h * hd, L->k_norm, hd, s->eps, k + h * hd);
+                rms_norm(v + h * hd, L->v_norm, hd, s->eps, v + h * hd);
+            }
+        }
+        const uint16_t *c = s->cos + m * (hd / 2), *sn = s->sin + m * (hd / 2);
+        rope(q, H, hd, c, sn);
+        rope(k, n_kv, hd, c, sn);
+        const int64_t slot = s->write_index[m];  /* block * bs + offset */
+        for (int64_t h = 0; h < n_kv; h++) {
+            const int64_t at = (h * s->num_blocks * s->bs + slot) * hd;
+            memcpy((uint16_t *)L->kc + at, k + h * hd, sizeof(uint16_t) * (size_t)hd);
+            memcpy((uint16_t *)L->vc + at, v + h * hd, sizeof(uint16_t) * (size_t)hd);
+        }
+        memcpy(b->y + m * H * hd, q, sizeof(uint16_t) * (size_t)(H * hd));  /* (R, H, hd) */
+    }
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < R * n_kv; item++)
+        attend_item(b->y, L->kc, L->vc, 1, s->tables, s->table_stride, s->lens, item, H, n_kv,
+                    s->num_blocks, s->bs, hd, longest, s->scale, b->attn, att_buf);
+    run_proj(&L->o, R, b->attn, b->a, w);  /* (R, d) */
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < R; m++) {
+        for (int64_t i = 0; i < d; i++)
+            b->y[m * d + i] = gated_add(x[m * d + i], L->attn_gate, i, b->a[m * d + i]);
+        rms_norm(b->y + m * d, L->ffn_norm, d, s->eps, b->n + m * d);
+    }
+    run_proj(&L->gate, R, b->n, b->g, w);
+    run_proj(&L->up, R, b->n, b->u, w);
+    const int64_t ff = L->gate.cola ? L->gate.b.N : L->gate.a.N;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < R * ff; i++)
+        b->g[i] = round_bf16(bf(silu_bf16(b->g[i])) * bf(b->u[i]));
+    run_proj(&L->down, R, b->g, b->f, w);
+    const uint16_t *residual = L->prenorm_ffn ? b->y : b->n;
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < R; m++)
+        for (int64_t i = 0; i < d; i++)
+            x[m * d + i] = gated_add(residual[m * d + i], L->ffn_gate, i, b->f[m * d + i]);
+}
+
+/* x (R, d) bf16: the rows' embeddings in, the last block's output (before the final norm)
+ * out. Returns 0, or -1 when the workspace cannot be allocated. */
+int fanformer_decode_step(const layer_t *layers, const step_t *s, uint16_t *x, int nthreads) {
+    const int64_t R = s->R, W = s->max_width, g = s->H / s->n_kv;
+    int64_t longest = 1;
+    for (int64_t m = 0; m < R; m++) longest = s->lens[m] > longest ? s->lens[m] : longest;
+    const int64_t att_floats = 2 * g * s->hd + s->hd + g * longest;
+    const size_t rows = (size_t)(R * W);
+    uint16_t *mem = (uint16_t *)malloc(sizeof(uint16_t) * rows * 12);
+    int8_t *q8 = (int8_t *)malloc(rows);
+    float *fl = (float *)malloc(sizeof(float) * ((size_t)(2 * R * (W / 16 + 1)) +
+                                                 (size_t)(nthreads * att_floats)));
+    if (!mem || !q8 || !fl) {
+        free(mem); free(q8); free(fl);
+        return -1;
+    }
+    rows_t b = {mem, mem + rows, mem + 2 * rows, mem + 3 * rows, mem + 4 * rows, mem + 5 * rows,
+                mem + 6 * rows, mem + 7 * rows, mem + 8 * rows, mem + 9 * rows};
+    scratch_t w = {mem + 10 * rows, mem + 11 * rows, q8, fl, fl + R * (W / 16 + 1)};
+    float *att = fl + 2 * R * (W / 16 + 1);
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *mine = att + omp_get_thread_num() * att_floats;
+        for (int64_t l = 0; l < s->n_layers; l++) block(&layers[l], s, x, &b, &w, mine, longest);
+    }
+    free(mem); free(q8); free(fl);
+    return 0;
+}

@@ -1,0 +1,190 @@
+"""The native decode step: every block of a quantized model for a step's one-token rows in
+one C call (quant/native_step.c), instead of ~2,000 aten calls.
+
+A one-row decode step is overhead-bound: its 61 linears are about a third of it, the rest
+is small aten ops, Python and OpenMP wake-ups (docs/ENGINE.md "The native decode step").
+The C step runs the same kernels the eager layers call (the native quantized linear, the
+paged decode attention) and rounds to bf16 wherever the eager bf16 model rounds, so the
+two agree to bf16 rounding, not bitwise; each row is computed alone (batch-invariant
+across the steps that take this path).
+
+`NativeDecodeStep.build(model, pool)` returns None, with the reason logged once, unless
+every projection of every block is a quantized layer on the native kernel (4-bit; int8 on
+the AVX-512 build), the model and the KV cache are bf16 on CPU. The engine calls it for
+steps whose every segment is one token (decode, or a one-token prefill chunk) and at most
+MAX_ROWS of them: larger batches are not overhead-bound, and keep cascade decode for rows
+that share a prefix. The embedding, the final norm and the LM head stay in torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+import torch
+from torch import nn
+
+from fanformer.layers import CoLALinear
+from fanformer.model import FANformer
+from quant import native_cpu
+from quant.layers import QuantLinear
+from server.kv_cache import KVCachePool, StepAttention
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 32  # one-token rows a step may have to take this path (measured: ENGINE.md)
+DISABLE_ENV = "FANFORMER_NATIVE_STEP"  # "0": decode steps run the eager model (comparisons)
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("packed", _PTR), ("scale", _PTR), ("minus_zs", _PTR), ("bias", _PTR),
+                ("perm", _PTR), ("in_scale", _PTR), ("K", _I64), ("N", _I64), ("Np", _I64),
+                ("gs", _I64), ("bits", _I64)]
+
+
+class _Proj(ctypes.Structure):
+    _fields_ = [("a", _Linear), ("b", _Linear), ("cola", _I64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, _Proj) for name in ("fan", "qkv", "o", "gate", "up", "down")] + \
+               [(name, _PTR) for name in ("attn_norm", "ffn_norm", "q_norm", "k_norm",
+                                          "v_norm", "attn_gate", "ffn_gate", "kc", "vc")] + \
+               [("fan_periodic", _I64), ("prenorm_ffn", _I64)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [(name, _I64) for name in ("R", "d", "H", "n_kv", "hd", "n_layers",
+                                          "num_blocks", "bs", "table_stride", "max_width")] + \
+               [("eps", ctypes.c_float), ("scale", ctypes.c_float)] + \
+               [(name, _PTR) for name in ("cos", "sin", "write_index", "tables", "lens")]
+
+
+class Unsupported(Exception):
+    """Why a model cannot take the native step (logged once by `build`)."""
+
+
+class NativeDecodeStep:
+    """Built once per engine from the model and its KV pool; called per eligible step."""
+
+    def __init__(self, model: FANformer, pool: KVCachePool, lib: ctypes.CDLL):
+        c = model.config
+        self.model, self.lib, self.config = model, lib, c
+        self._keep: list[torch.Tensor] = []  # every tensor a descriptor points into
+        self._layers_q: list[QuantLinear] = []
+        self.layers = (_Layer * c.n_layers)()
+        widths = [c.d_model]
+        for i, block in enumerate(model.blocks):
+            self.layers[i] = self._layer(block, pool, i, widths)
+        self.max_width = max(widths)
+
+    @classmethod
+    def build(cls, model: nn.Module, pool: KVCachePool) -> NativeDecodeStep | None:
+        lib = native_cpu.library()
+        why = None
+        if os.environ.get(DISABLE_ENV, "1") == "0":
+            why = f"{DISABLE_ENV}=0"
+        elif lib is None:
+            why = "the native CPU kernels are off"
+        elif pool.device.type != "cpu" or pool.k.dtype != torch.bfloat16:
+            why = "the KV cache is not bf16 on CPU"
+        elif not isinstance(model, FANformer) or model.embed.weight.dtype != torch.bfloat16:
+            why = "the model is not a bf16 FANformer"
+        else:
+            try:
+                return cls(model, pool, lib)
+            except Unsupported as e:
+                why = str(e)
+        log.info("native decode step off (%s): decode steps run the eager model", why)
+        return None
+
+    # ---- descriptors, built once ----
+    def _bf16(self, t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        t = t.detach().to(torch.bfloat16).contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _linear(self, module: nn.Module, widths: list[int]) -> _Linear:
+        if not isinstance(module, QuantLinear):
+            raise Unsupported(f"a {type(module).__name__} projection is not quantized")
+        kernel = module._kernel("weight-only")
+        if not isinstance(kernel, native_cpu.NativeKernel):
+            raise Unsupported(f"a {type(module).__name__} has no native kernel here")
+        perm = None
+        if kernel.perm is not None:
+            perm = kernel.perm.to(torch.int64).contiguous()
+            self._keep.append(perm)
+        in_scale = getattr(module, "input_scale", None)
+        self._keep += [kernel.packed, kernel.scale, kernel.minus_zs]
+        self._layers_q.append(module)
+        widths += [module.in_features, module.out_features]
+        return _Linear(kernel.packed.data_ptr(), kernel.scale.data_ptr(),
+                       kernel.minus_zs.data_ptr(), self._bf16(module.bias),
+                       perm.data_ptr() if perm is not None else None, self._bf16(in_scale),
+                       module.in_features, kernel.n, kernel.scale.shape[1], kernel.group_size,
+                       kernel.bits)
+
+    def _proj(self, module: nn.Module, widths: list[int]) -> _Proj:
+        if isinstance(module, CoLALinear):
+            return _Proj(self._linear(module.a, widths), self._linear(module.b, widths), 1)
+        return _Proj(self._linear(module, widths), _Linear(), 0)
+
+    def _layer(self, block: nn.Module, pool: KVCachePool, i: int, widths: list[int]) -> _Layer:
+        attn, ffn = block.attn, block.ffn
+        norm = lambda m: self._bf16(m.weight) if m is not None else None  # noqa: E731
+        gate = lambda g: self._bf16(torch.sigmoid(g)) if g is not None else None  # noqa: E731
+        layer = _Layer()
+        if attn.fan is not None:
+            layer.fan = self._proj(attn.fan.proj, widths)
+            layer.fan_periodic = attn.fan.periodic_dim
+        layer.qkv, layer.o = self._proj(attn.qkv, widths), self._proj(attn.o, widths)
+        layer.gate, layer.up = self._proj(ffn.gate, widths), self._proj(ffn.up, widths)
+        layer.down = self._proj(ffn.down, widths)
+        layer.attn_norm, layer.ffn_norm = norm(block.attn_norm), norm(block.ffn_norm)
+        layer.q_norm, layer.k_norm = norm(attn.q_norm), norm(attn.k_norm)
+        layer.v_norm = norm(attn.v_norm)
+        # sigmoid(gate).to(bf16) once: what Block._gated computes every step
+        layer.attn_gate, layer.ffn_gate = gate(block.attn_gate), gate(block.ffn_gate)
+        layer.kc, layer.vc = pool.k[i].data_ptr(), pool.v[i].data_ptr()
+        layer.prenorm_ffn = int(block.prenorm_ffn)
+        if attn.n_heads // attn.n_kv_heads > native_cpu.PagedDecode.MAX_GROUP:
+            raise Unsupported("more query heads per KV head than the attention kernel takes")
+        return layer
+
+    # ---- per step ----
+    def supports(self, rows: int) -> bool:
+        """Whether a step of `rows` one-token rows takes this path: at most MAX_ROWS, and
+        every layer would run its native kernel at that row count (the layers' policy)."""
+        return 0 < rows <= MAX_ROWS and all(m.kernel_name(rows) == "weight-only"
+                                            for m in self._layers_q)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention: StepAttention) -> torch.Tensor:
+        """input_ids (R,) of a step whose R segments are one token each, and that step's
+        `StepAttention` (built without cascade: its `native` holds the rows' checked block
+        tables) -> the final-normed hidden states (R, d), bf16."""
+        c, paged = self.config, attention.native
+        rows = input_ids.shape[0]
+        if paged is None or attention.n_dec != rows or attention.chunks:
+            raise ValueError("NativeDecodeStep: the step must be all one-token rows, with "
+                             "native paged attention planned")
+        x = self.model.embed(input_ids).contiguous()  # (R, d) bf16, updated in place
+        positions = attention.positions[0]  # (R,)
+        cos = self.model.rope.cos[positions].to(torch.bfloat16).contiguous()  # (R, hd/2)
+        sin = self.model.rope.sin[positions].to(torch.bfloat16).contiguous()
+        pool = attention.pool
+        step = _Step(rows, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.n_layers,
+                     pool.num_blocks, pool.block_size, paged.tables.shape[1], self.max_width,
+                     c.norm_eps, c.head_dim ** -0.5, cos.data_ptr(), sin.data_ptr(),
+                     attention.write_index.data_ptr(), paged.tables.data_ptr(),
+                     paged.lengths.data_ptr())
+        rc = self.lib.fanformer_decode_step(ctypes.addressof(self.layers), ctypes.byref(step),
+                                            x.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise MemoryError("fanformer_decode_step could not allocate its workspace")
+        return self.model.norm(x)  # (R, d)

@@ -1,0 +1,152 @@
+"""The native decode step (server/native_step.py, quant/native_step.c) against the eager
+model it replaces: the same hidden states to bf16 rounding for every block variant (FAN,
+CoLA, HybridNorm, gates; dense pre-norm) and quantization method with a native kernel;
+each row the same alone as in a batch; the same greedy tokens through the engine; off
+where it cannot run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fanformer.checkpoint import save_checkpoint
+from quant import load_any_checkpoint, native_cpu
+from quant.cli import main
+from server.engine import EngineConfig, LLMEngine
+from server.kv_cache import KVCachePool, Segment, StepAttention
+from server.native_step import MAX_ROWS, NativeDecodeStep
+from server.sampling import SamplingParams
+from tests.conftest import make_model
+
+pytestmark = pytest.mark.skipif(native_cpu.library() is None,
+                                reason="the native CPU kernels do not run here")
+
+FAST = ["--calib_samples", "4", "--calib_seq_len", "32", "--eval_tokens", "0", "--quiet"]
+# preset (overrides), method, flags. cola_rank 32: CoLA's inner width must hold a group.
+CASES = {
+    "fanformer rtn": ("test", dict(cola_rank=32), "rtn", ["--group_size", "32"]),
+    "fanformer awq": ("test", dict(cola_rank=32), "awq", ["--group_size", "32"]),
+    "dense gptq act-order": ("transformer-test", {}, "gptq",
+                             ["--group_size", "32", "--desc_act", "--lm_head", "int8"]),
+    "dense int8": ("transformer-test", {}, "int8", []),
+}
+PROMPTS = [[5, 9, 14], [17, 42, 9, 3, 8, 1, 77, 23, 4], list(range(3, 30))]
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def quantized(request, tmp_path_factory, tokenizer):
+    preset, overrides, method, flags = CASES[request.param]
+    if method == "int8" and not native_cpu.full_build():
+        pytest.skip("int8 layers run natively on the AVX-512 build only")
+    src = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt",
+                          make_model(preset, **overrides), tokenizer)
+    out = tmp_path_factory.mktemp("q") / method
+    assert main(["--method", method, "--checkpoint", str(src), "--output", str(out), *FAST,
+                 *flags]) == 0
+    model, tok = load_any_checkpoint(out, dtype=torch.bfloat16)
+    return model.eval(), tok, out
+
+
+def prefilled(model, prompts, block_size=4):
+    """A KV pool holding the prompts (eager prefill), the rows' tables reversed so that
+    blocks are not in order: -> (pool, tables)."""
+    pool = KVCachePool(model.config, 64, block_size, torch.bfloat16, "cpu")
+    tables, free = [], list(range(63, -1, -1))
+    for p in prompts:
+        tables.append([free.pop() for _ in range(-(-(len(p) + 1) // block_size))][::-1])
+    attention = StepAttention(pool, [Segment(t, 0, len(p)) for t, p in zip(tables, prompts)])
+    with torch.inference_mode():
+        model.hidden_states(torch.tensor([sum(prompts, [])]), attention.positions, attention)
+    return pool, tables
+
+
+def decode(step, model, pool, tables, prompts, rows, native):
+    """One decode step of `rows` (indices into prompts): (len(rows), d) hidden states."""
+    segments = [Segment(tables[r], len(prompts[r]), 1) for r in rows]
+    attention = StepAttention(pool, segments, cascade=False)
+    ids = torch.tensor([prompts[r][-1] for r in rows])
+    if native:
+        return step(ids, attention)
+    with torch.inference_mode():
+        return model.hidden_states(ids[None], attention.positions, attention)[0]
+
+
+def test_matches_the_eager_model_to_bf16_rounding(quantized):
+    model, _, _ = quantized
+    pool, tables = prefilled(model, PROMPTS)
+    step = NativeDecodeStep.build(model, pool)
+    assert step is not None and step.supports(len(PROMPTS))
+    rows = list(range(len(PROMPTS)))
+    eager = decode(step, model, pool, tables, PROMPTS, rows, native=False).float()
+    native = decode(step, model, pool, tables, PROMPTS, rows, native=True).float()
+    # the final RMSNorm makes every row's scale ~1: errors are relative to that
+    error = (native - eager).abs().max().item()
+    assert error < 0.05, error
+    assert (native == eager).float().mean() > 0.9  # nearly all of them to the bit
+
+
+def test_a_row_alone_equals_it_in_a_batch(quantized):
+    model, _, _ = quantized
+    pool, tables = prefilled(model, PROMPTS)
+    step = NativeDecodeStep.build(model, pool)
+    batch = decode(step, model, pool, tables, PROMPTS, [0, 1, 2], native=True)
+    for r in range(len(PROMPTS)):
+        alone = decode(step, model, pool, tables, PROMPTS, [r], native=True)
+        assert torch.equal(alone[0], batch[r])
+
+
+def test_the_avx2_build_gives_the_same_bits(quantized):
+    model, _, _ = quantized
+    if not native_cpu.ISAS["avx2"][1] <= native_cpu.cpu_flags() or not native_cpu.full_build():
+        pytest.skip("needs a CPU that runs both builds")
+    if any(getattr(m, "bits", 4) == 8 for m in model.modules()) or \
+            type(model.blocks[0].attn.qkv).__name__ == "Int8Linear":
+        pytest.skip("the AVX2 build has no 8-bit path")
+    pool, tables = prefilled(model, PROMPTS)
+    full = NativeDecodeStep(model, pool, native_cpu.library())
+    avx2 = NativeDecodeStep(model, pool, native_cpu.load("avx2"))
+    rows = [0, 1, 2]
+    assert torch.equal(decode(full, model, pool, tables, PROMPTS, rows, True),
+                       decode(avx2, model, pool, tables, PROMPTS, rows, True))
+
+
+def _greedy(model, tokenizer, native: bool) -> dict[str, list[int]]:
+    engine = LLMEngine(model, tokenizer, EngineConfig(dtype="bfloat16", max_num_seqs=8))
+    assert engine.native_step is not None
+    if not native:
+        engine.native_step = None
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", p, params)
+    out = {f"r{i}": [] for i in range(len(PROMPTS))}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id] += o.token_ids
+    return out
+
+
+def test_the_engine_decodes_with_it_and_gives_the_eager_tokens(quantized):
+    model, tokenizer, _ = quantized
+    assert _greedy(model, tokenizer, native=True) == _greedy(model, tokenizer, native=False)
+
+
+def test_it_is_off_where_it_cannot_run(quantized, tokenizer):
+    model, _, path = quantized
+    assert NativeDecodeStep.build(make_model("test").to(torch.bfloat16),
+                                  KVCachePool(model.config, 4, 4, torch.bfloat16, "cpu")) is None
+    fp32 = KVCachePool(model.config, 4, 4, torch.float32, "cpu")
+    assert NativeDecodeStep.build(model, fp32) is None
+    invariant = LLMEngine(model, tokenizer, EngineConfig(dtype="bfloat16",
+                                                        batch_invariant=True))
+    assert invariant.native_step is None  # larger steps' eager bits would differ
+    step = NativeDecodeStep.build(model, KVCachePool(model.config, 4, 4, torch.bfloat16, "cpu"))
+    assert step.supports(1) and step.supports(MAX_ROWS) and not step.supports(MAX_ROWS + 1)
+
+
+def test_nf4_layers_keep_the_eager_step(tmp_path, tokenizer):
+    src = save_checkpoint(tmp_path / "ckpt", make_model("transformer-test"), tokenizer)
+    assert main(["--method", "nf4", "--checkpoint", str(src), "--output",
+                 str(tmp_path / "nf4"), *FAST]) == 0
+    model, _ = load_any_checkpoint(tmp_path / "nf4", dtype=torch.bfloat16)
+    assert NativeDecodeStep.build(model, KVCachePool(model.config, 4, 4, torch.bfloat16,
+                                                     "cpu")) is None
