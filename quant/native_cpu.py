@@ -133,6 +133,10 @@ def load(isa: str) -> ctypes.CDLL:
     step = lib.fanformer_decode_step  # its structs: server/native_step.py
     step.restype = ctypes.c_int
     step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    phase = lib.fanformer_block_phase
+    phase.restype = ctypes.c_int
+    phase.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     return lib
 
 

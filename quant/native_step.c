@@ -130,41 +130,48 @@ static inline uint16_t gated_add(uint16_t x, const uint16_t *gate, int64_t i, ui
     return round_bf16(bf(x) + b);
 }
 
-/* Buffers of the step: (R, width) bf16 rows unless said */
+/* The step's rows, bf16, row-major (R, width): the attention input h (d), the FAN features
+ * xf (d), qkv ((H + 2 n_kv) hd), the rotated queries q (H hd), the attention output attn
+ * (H hd), a projection's output a (d, or the FAN projection's d - p), the stream after
+ * attention y (d), its norm n (d), the FFN's gate g and up u (d_ff), its output f (d). */
 typedef struct {
-    uint16_t *h, *xf, *qkv, *attn, *a, *y, *n, *g, *u, *f;
+    uint16_t *h, *xf, *qkv, *q, *attn, *a, *y, *n, *g, *u, *f;
 } rows_t;
 
-static void block(const layer_t *L, const step_t *s, uint16_t *x, const rows_t *b,
-                  const scratch_t *w, float *att_buf, int64_t longest) {
-    const int64_t R = s->R, d = s->d, H = s->H, n_kv = s->n_kv, hd = s->hd;
-    const int64_t width = (H + 2 * n_kv) * hd;
-    const uint16_t *in = x;
-    if (L->attn_norm) {
+/* The elementwise phases of a block, between its projections. Their loops are orphaned
+ * worksharing (as wq_linear_rows'): the fused step runs them inside its region, the phase
+ * entry point (below) on its caller's thread or in a region of its own. */
+
+static void attn_norm_rows(const layer_t *L, const step_t *s, const uint16_t *x, rows_t *b) {
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < R; m++) rms_norm(x + m * d, L->attn_norm, d, s->eps, b->h + m * d);
-        in = b->h;
-    }
-    if (L->fan_periodic) {  /* X_F = [cos(P) | sin(P) | G] from one projection (P | G) */
-        const int64_t p = L->fan_periodic, pg = d - p;
-        run_proj(&L->fan, R, in, b->a, w);  /* (R, p + g) = (R, d - p) */
+    for (int64_t m = 0; m < s->R; m++)
+        rms_norm(x + m * s->d, L->attn_norm, s->d, s->eps, b->h + m * s->d);
+}
+
+/* X_F = [cos(P) | sin(P) | G] from the FAN projection's (R, d - p) output in b->a */
+static void fan_features(const layer_t *L, const step_t *s, rows_t *b) {
+    const int64_t d = s->d, p = L->fan_periodic, pg = d - p;
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < R; m++) {
-            const uint16_t *src = b->a + m * pg;
-            uint16_t *dst = b->xf + m * d;
-            for (int64_t i = 0; i < p; i++) {
-                dst[i] = round_bf16(cosf(bf(src[i])));
-                dst[p + i] = round_bf16(sinf(bf(src[i])));
-            }
-            memcpy(dst + 2 * p, src + p, sizeof(uint16_t) * (size_t)(pg - p));
+    for (int64_t m = 0; m < s->R; m++) {
+        const uint16_t *src = b->a + m * pg;
+        uint16_t *dst = b->xf + m * d;
+        for (int64_t i = 0; i < p; i++) {
+            dst[i] = round_bf16(cosf(bf(src[i])));
+            dst[p + i] = round_bf16(sinf(bf(src[i])));
         }
-        in = b->xf;
+        memcpy(dst + 2 * p, src + p, sizeof(uint16_t) * (size_t)(pg - p));
     }
-    run_proj(&L->qkv, R, in, b->qkv, w);  /* (R, (H + 2 n_kv) hd): q | k | v */
+}
+
+/* qkv -> QKV norms, RoPE, k and v into the cache, q into b->q; then each (row, kv head)'s
+ * attention over its blocks into b->attn. att_buf: this thread's attend_item scratch. */
+static void attention(const layer_t *L, const step_t *s, rows_t *b, float *att_buf,
+                      int64_t longest) {
+    const int64_t R = s->R, H = s->H, n_kv = s->n_kv, hd = s->hd;
+    const int64_t width = (H + 2 * n_kv) * hd;
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < R; m++) {
-        uint16_t *row = b->qkv + m * width;
-        uint16_t *q = row, *k = row + H * hd, *v = k + n_kv * hd;
+        uint16_t *q = b->qkv + m * width, *k = q + H * hd, *v = k + n_kv * hd;
         if (L->q_norm) {
             for (int64_t h = 0; h < H; h++) rms_norm(q + h * hd, L->q_norm, hd, s->eps, q + h * hd);
             for (int64_t h = 0; h < n_kv; h++) {
@@ -181,42 +188,84 @@ static void block(const layer_t *L, const step_t *s, uint16_t *x, const rows_t *
             memcpy((uint16_t *)L->kc + at, k + h * hd, sizeof(uint16_t) * (size_t)hd);
             memcpy((uint16_t *)L->vc + at, v + h * hd, sizeof(uint16_t) * (size_t)hd);
         }
-        memcpy(b->y + m * H * hd, q, sizeof(uint16_t) * (size_t)(H * hd));  /* (R, H, hd) */
+        memcpy(b->q + m * H * hd, q, sizeof(uint16_t) * (size_t)(H * hd));  /* (R, H, hd) */
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < R * n_kv; item++)
-        attend_item(b->y, L->kc, L->vc, 1, s->tables, s->table_stride, s->lens, item, H, n_kv,
+        attend_item(b->q, L->kc, L->vc, 1, s->tables, s->table_stride, s->lens, item, H, n_kv,
                     s->num_blocks, s->bs, hd, longest, s->scale, b->attn, att_buf);
-    run_proj(&L->o, R, b->attn, b->a, w);  /* (R, d) */
+}
+
+/* y = x + gate * a (the attention's output projection); n = Norm(y) */
+static void attn_residual(const layer_t *L, const step_t *s, const uint16_t *x, rows_t *b) {
+    const int64_t d = s->d;
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < R; m++) {
+    for (int64_t m = 0; m < s->R; m++) {
         for (int64_t i = 0; i < d; i++)
             b->y[m * d + i] = gated_add(x[m * d + i], L->attn_gate, i, b->a[m * d + i]);
         rms_norm(b->y + m * d, L->ffn_norm, d, s->eps, b->n + m * d);
     }
-    run_proj(&L->gate, R, b->n, b->g, w);
-    run_proj(&L->up, R, b->n, b->u, w);
-    const int64_t ff = L->gate.cola ? L->gate.b.N : L->gate.a.N;
+}
+
+/* g = SiLU(g) * u over (R, ff) */
+static void swiglu(const step_t *s, int64_t ff, rows_t *b) {
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < R * ff; i++)
+    for (int64_t i = 0; i < s->R * ff; i++)
         b->g[i] = round_bf16(bf(silu_bf16(b->g[i])) * bf(b->u[i]));
-    run_proj(&L->down, R, b->g, b->f, w);
+}
+
+/* x = residual + gate * f, the residual y (pre-norm FFN) or n (post-norm) */
+static void ffn_residual(const layer_t *L, const step_t *s, uint16_t *x, const rows_t *b) {
+    const int64_t d = s->d;
     const uint16_t *residual = L->prenorm_ffn ? b->y : b->n;
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < R; m++)
+    for (int64_t m = 0; m < s->R; m++)
         for (int64_t i = 0; i < d; i++)
             x[m * d + i] = gated_add(residual[m * d + i], L->ffn_gate, i, b->f[m * d + i]);
 }
 
-/* x (R, d) bf16: the rows' embeddings in, the last block's output (before the final norm)
- * out. Returns 0, or -1 when the workspace cannot be allocated. */
-int fanformer_decode_step(const layer_t *layers, const step_t *s, uint16_t *x, int nthreads) {
-    const int64_t R = s->R, W = s->max_width, g = s->H / s->n_kv;
+static int64_t longest_row(const step_t *s) {
     int64_t longest = 1;
-    for (int64_t m = 0; m < R; m++) longest = s->lens[m] > longest ? s->lens[m] : longest;
-    const int64_t att_floats = 2 * g * s->hd + s->hd + g * longest;
+    for (int64_t m = 0; m < s->R; m++) longest = s->lens[m] > longest ? s->lens[m] : longest;
+    return longest;
+}
+
+static int64_t attend_floats(const step_t *s, int64_t longest) {  /* attend_item's scratch */
+    const int64_t g = s->H / s->n_kv;
+    return 2 * g * s->hd + s->hd + g * longest;
+}
+
+/* One block, every projection on the native quantized linear, inside the step's region */
+static void block(const layer_t *L, const step_t *s, uint16_t *x, rows_t *b,
+                  const scratch_t *w, float *att_buf, int64_t longest) {
+    const uint16_t *in = x;
+    if (L->attn_norm) {
+        attn_norm_rows(L, s, x, b);
+        in = b->h;
+    }
+    if (L->fan_periodic) {
+        run_proj(&L->fan, s->R, in, b->a, w);  /* (R, d - p): P | G */
+        fan_features(L, s, b);
+        in = b->xf;
+    }
+    run_proj(&L->qkv, s->R, in, b->qkv, w);  /* (R, (H + 2 n_kv) hd): q | k | v */
+    attention(L, s, b, att_buf, longest);
+    run_proj(&L->o, s->R, b->attn, b->a, w);  /* (R, d) */
+    attn_residual(L, s, x, b);
+    run_proj(&L->gate, s->R, b->n, b->g, w);
+    run_proj(&L->up, s->R, b->n, b->u, w);
+    swiglu(s, L->gate.cola ? L->gate.b.N : L->gate.a.N, b);
+    run_proj(&L->down, s->R, b->g, b->f, w);
+    ffn_residual(L, s, x, b);
+}
+
+/* The fused step. x (R, d) bf16: the rows' embeddings in, the last block's output (before
+ * the final norm) out. Returns 0, or -1 when the workspace cannot be allocated. */
+int fanformer_decode_step(const layer_t *layers, const step_t *s, uint16_t *x, int nthreads) {
+    const int64_t R = s->R, W = s->max_width, longest = longest_row(s);
+    const int64_t att_floats = attend_floats(s, longest);
     const size_t rows = (size_t)(R * W);
-    uint16_t *mem = (uint16_t *)malloc(sizeof(uint16_t) * rows * 12);
+    uint16_t *mem = (uint16_t *)malloc(sizeof(uint16_t) * rows * 13);
     int8_t *q8 = (int8_t *)malloc(rows);
     float *fl = (float *)malloc(sizeof(float) * ((size_t)(2 * R * (W / 16 + 1)) +
                                                  (size_t)(nthreads * att_floats)));
@@ -224,9 +273,10 @@ int fanformer_decode_step(const layer_t *layers, const step_t *s, uint16_t *x, i
         free(mem); free(q8); free(fl);
         return -1;
     }
-    rows_t b = {mem, mem + rows, mem + 2 * rows, mem + 3 * rows, mem + 4 * rows, mem + 5 * rows,
-                mem + 6 * rows, mem + 7 * rows, mem + 8 * rows, mem + 9 * rows};
-    scratch_t w = {mem + 10 * rows, mem + 11 * rows, q8, fl, fl + R * (W / 16 + 1)};
+    rows_t b;
+    uint16_t **slots[] = {&b.h, &b.xf, &b.qkv, &b.q, &b.attn, &b.a, &b.y, &b.n, &b.g, &b.u, &b.f};
+    for (size_t i = 0; i < sizeof(slots) / sizeof(slots[0]); i++) *slots[i] = mem + i * rows;
+    scratch_t w = {mem + 11 * rows, mem + 12 * rows, q8, fl, fl + R * (W / 16 + 1)};
     float *att = fl + 2 * R * (W / 16 + 1);
 #pragma omp parallel num_threads(nthreads)
     {
@@ -234,5 +284,31 @@ int fanformer_decode_step(const layer_t *layers, const step_t *s, uint16_t *x, i
         for (int64_t l = 0; l < s->n_layers; l++) block(&layers[l], s, x, &b, &w, mine, longest);
     }
     free(mem); free(q8); free(fl);
+    return 0;
+}
+
+/* The phases one by one, for a step whose projections torch runs (bf16 weights, or any
+ * layer without a native kernel: server/native_step.py calls the modules in between, so
+ * their bits are the eager model's). phase: 0 attn norm (x -> h), 1 FAN features (a -> xf),
+ * 2 attention (qkv -> cache, attn; on nthreads), 3 attention residual (x, a -> y, n),
+ * 4 SwiGLU (g, u -> g, width ff), 5 FFN residual (y or n, f -> x). Returns 0, -1 when the
+ * attention's workspace cannot be allocated, -2 for an unknown phase. */
+int fanformer_block_phase(int phase, const layer_t *L, const step_t *s, uint16_t *x,
+                          rows_t *b, int64_t ff, int nthreads) {
+    switch (phase) {
+    case 0: attn_norm_rows(L, s, x, b); return 0;
+    case 1: fan_features(L, s, b); return 0;
+    case 3: attn_residual(L, s, x, b); return 0;
+    case 4: swiglu(s, ff, b); return 0;
+    case 5: ffn_residual(L, s, x, b); return 0;
+    case 2: break;
+    default: return -2;
+    }
+    const int64_t longest = longest_row(s), att_floats = attend_floats(s, longest);
+    float *att = (float *)malloc(sizeof(float) * (size_t)(nthreads * att_floats));
+    if (!att) return -1;
+#pragma omp parallel num_threads(nthreads)
+    attention(L, s, b, att + omp_get_thread_num() * att_floats, longest);
+    free(att);
     return 0;
 }

@@ -136,10 +136,8 @@ class LLMEngine:
         fp32_logits = config.fp32_logits
         if fp32_logits is None:
             fp32_logits = self.device.type == "cuda"
-        quantized = False
         for module in self.model.modules():  # quantized layers (quant/layers.py) have it
             if hasattr(module, "batch_invariant"):
-                quantized = True
                 module.batch_invariant = config.batch_invariant
                 if self.device.type == "cpu":
                     module.prepare(1)  # the decode step's kernel, built before any request
@@ -147,10 +145,10 @@ class LLMEngine:
         # a quantized head (a drop-in module, not an nn.Linear) keeps its own kernel
         self.head_fp32 = head.weight.float() if fp32_logits and isinstance(head, nn.Linear) \
             else None  # (padded vocab, d)
-        # small decode steps of a quantized model in one C call (server/native_step.py); not
-        # when batch-invariant: larger steps run the eager model, whose bits differ slightly
+        # small decode steps in C (server/native_step.py); not when batch-invariant: larger
+        # steps run the eager model, whose bits may differ in the last place
         self.native_step = NativeDecodeStep.build(self.model, self.pool) if (
-            quantized and self.device.type == "cpu" and not config.batch_invariant) else None
+            self.device.type == "cpu" and not config.batch_invariant) else None
 
     # ---- requests ----
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:

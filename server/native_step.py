@@ -1,19 +1,27 @@
-"""The native decode step: every block of a quantized model for a step's one-token rows in
-one C call (quant/native_step.c), instead of ~2,000 aten calls.
+"""The native decode step: the blocks of a bf16 model for a step's one-token rows in C
+(quant/native_step.c), instead of ~2,000 aten calls.
 
-A one-row decode step is overhead-bound: its 61 linears are about a third of it, the rest
-is small aten ops, Python and OpenMP wake-ups (docs/ENGINE.md "The native decode step").
-The C step runs the same kernels the eager layers call (the native quantized linear, the
-paged decode attention) and rounds to bf16 wherever the eager bf16 model rounds, so the
-two agree to bf16 rounding, not bitwise; each row is computed alone (batch-invariant
-across the steps that take this path).
+A one-row decode step is overhead-bound: its 61 linears are a third (4-bit) to two thirds
+(bf16) of it, the rest is small aten ops, Python and OpenMP wake-ups (docs/ENGINE.md "The
+native decode step"). Two ways, chosen per model when the engine starts:
 
-`NativeDecodeStep.build(model, pool)` returns None, with the reason logged once, unless
-every projection of every block is a quantized layer on the native kernel (4-bit; int8 on
-the AVX-512 build), the model and the KV cache are bf16 on CPU. The engine calls it for
-steps whose every segment is one token (decode, or a one-token prefill chunk) and at most
-MAX_ROWS of them: larger batches are not overhead-bound, and keep cascade decode for rows
-that share a prefix. The embedding, the final norm and the LM head stay in torch.
+  fused: every projection of every block is a quantized layer on the native kernel (4-bit;
+      int8 on the AVX-512 build): the whole step is one C call and one OpenMP region.
+  phased: any other bf16 model (bf16 weights, nf4, ...): per block, torch runs each
+      projection (the very modules of the eager model, so the same bits) and C the
+      elementwise work between them in 6 calls (norms, FAN features, RoPE, the cache
+      write and paged attention, residuals, SwiGLU).
+
+Both round to bf16 wherever the eager bf16 model rounds, so they agree with it to bf16
+rounding: bitwise on the tests' models, not guaranteed (RMSNorm's sum order, expf and cosf
+against torch's vectorized ones). Each row is computed alone.
+
+`NativeDecodeStep.build(model, pool)` returns None, with the reason logged once, unless the
+model and its KV cache are bf16 on CPU and the native kernels run here. The engine calls it
+for steps whose every segment is one token (decode, or a one-token prefill chunk), at most
+FUSED_MAX_ROWS or PHASED_MAX_ROWS of them: larger batches are not overhead-bound, and keep
+cascade decode for rows that share a prefix. The embedding, the final norm and the LM head
+stay in torch.
 """
 
 from __future__ import annotations
@@ -33,10 +41,15 @@ from server.kv_cache import KVCachePool, StepAttention
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 32  # one-token rows a step may have to take this path (measured: ENGINE.md)
+# the most one-token rows a step may have to take each way: where it stopped paying
+# (docs/ENGINE.md "The native decode step"; above, steps keep cascade decode too)
+FUSED_MAX_ROWS, PHASED_MAX_ROWS = 32, 16
 DISABLE_ENV = "FANFORMER_NATIVE_STEP"  # "0": decode steps run the eager model (comparisons)
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+# the C file's rows_t, in order, and fanformer_block_phase's phases
+ROWS = ("h", "xf", "qkv", "q", "attn", "a", "y", "n", "g", "u", "f")
+ATTN_NORM, FAN_FEATURES, ATTENTION, ATTN_RESIDUAL, SWIGLU, FFN_RESIDUAL = range(6)
 
 
 class _Linear(ctypes.Structure):
@@ -63,23 +76,37 @@ class _Step(ctypes.Structure):
                [(name, _PTR) for name in ("cos", "sin", "write_index", "tables", "lens")]
 
 
+class _Rows(ctypes.Structure):
+    _fields_ = [(name, _PTR) for name in ROWS]
+
+
 class Unsupported(Exception):
-    """Why a model cannot take the native step (logged once by `build`)."""
+    """Why a model cannot take the fused step."""
 
 
 class NativeDecodeStep:
     """Built once per engine from the model and its KV pool; called per eligible step."""
 
-    def __init__(self, model: FANformer, pool: KVCachePool, lib: ctypes.CDLL):
+    def __init__(self, model: FANformer, pool: KVCachePool, lib: ctypes.CDLL,
+                 fused: bool = True):
+        """`fused=False` builds the phased step even where the fused one could run."""
         c = model.config
         self.model, self.lib, self.config = model, lib, c
-        self._keep: list[torch.Tensor] = []  # every tensor a descriptor points into
-        self._layers_q: list[QuantLinear] = []
-        self.layers = (_Layer * c.n_layers)()
-        widths = [c.d_model]
-        for i, block in enumerate(model.blocks):
-            self.layers[i] = self._layer(block, pool, i, widths)
-        self.max_width = max(widths)
+        if c.n_heads // c.n_kv_heads > native_cpu.PagedDecode.MAX_GROUP:
+            raise Unsupported("more query heads per KV head than the attention kernel takes")
+        self.fused, self.why_phased = fused, "asked for"
+        self.max_rows = FUSED_MAX_ROWS
+        if fused:
+            try:
+                self._describe(pool, projections=True)
+            except Unsupported as e:
+                self.fused, self.why_phased = False, str(e)
+        if not self.fused:
+            self.max_rows = PHASED_MAX_ROWS
+            self._describe(pool, projections=False)
+            self.ff = c.d_ff if c.cola_rank == 0 else model.blocks[0].ffn.gate.b.out_features
+            width = max(c.d_model, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, self.ff)
+            self._rows = torch.empty(len(ROWS), PHASED_MAX_ROWS * width, dtype=torch.bfloat16)
 
     @classmethod
     def build(cls, model: nn.Module, pool: KVCachePool) -> NativeDecodeStep | None:
@@ -95,13 +122,27 @@ class NativeDecodeStep:
             why = "the model is not a bf16 FANformer"
         else:
             try:
-                return cls(model, pool, lib)
+                step = cls(model, pool, lib)
             except Unsupported as e:
                 why = str(e)
+            else:
+                log.info("native decode step: %s", "fused (one C call a step)" if step.fused
+                         else f"phased (torch runs the projections: {step.why_phased})")
+                return step
         log.info("native decode step off (%s): decode steps run the eager model", why)
         return None
 
     # ---- descriptors, built once ----
+    def _describe(self, pool: KVCachePool, projections: bool) -> None:
+        c = self.config
+        self._keep: list[torch.Tensor] = []  # every tensor a descriptor points into
+        self._quantized: list[QuantLinear] = []
+        self.layers = (_Layer * c.n_layers)()
+        widths = [c.d_model]
+        for i, block in enumerate(self.model.blocks):
+            self.layers[i] = self._layer(block, pool, i, widths if projections else None)
+        self.max_width = max(widths)
+
     def _bf16(self, t: torch.Tensor | None) -> int | None:
         if t is None:
             return None
@@ -121,7 +162,7 @@ class NativeDecodeStep:
             self._keep.append(perm)
         in_scale = getattr(module, "input_scale", None)
         self._keep += [kernel.packed, kernel.scale, kernel.minus_zs]
-        self._layers_q.append(module)
+        self._quantized.append(module)
         widths += [module.in_features, module.out_features]
         return _Linear(kernel.packed.data_ptr(), kernel.scale.data_ptr(),
                        kernel.minus_zs.data_ptr(), self._bf16(module.bias),
@@ -134,17 +175,21 @@ class NativeDecodeStep:
             return _Proj(self._linear(module.a, widths), self._linear(module.b, widths), 1)
         return _Proj(self._linear(module, widths), _Linear(), 0)
 
-    def _layer(self, block: nn.Module, pool: KVCachePool, i: int, widths: list[int]) -> _Layer:
+    def _layer(self, block: nn.Module, pool: KVCachePool, i: int,
+               widths: list[int] | None) -> _Layer:
+        """The block's descriptor; its projections only when `widths` is given (fused)."""
         attn, ffn = block.attn, block.ffn
         norm = lambda m: self._bf16(m.weight) if m is not None else None  # noqa: E731
         gate = lambda g: self._bf16(torch.sigmoid(g)) if g is not None else None  # noqa: E731
         layer = _Layer()
         if attn.fan is not None:
-            layer.fan = self._proj(attn.fan.proj, widths)
             layer.fan_periodic = attn.fan.periodic_dim
-        layer.qkv, layer.o = self._proj(attn.qkv, widths), self._proj(attn.o, widths)
-        layer.gate, layer.up = self._proj(ffn.gate, widths), self._proj(ffn.up, widths)
-        layer.down = self._proj(ffn.down, widths)
+            if widths is not None:
+                layer.fan = self._proj(attn.fan.proj, widths)
+        if widths is not None:
+            layer.qkv, layer.o = self._proj(attn.qkv, widths), self._proj(attn.o, widths)
+            layer.gate, layer.up = self._proj(ffn.gate, widths), self._proj(ffn.up, widths)
+            layer.down = self._proj(ffn.down, widths)
         layer.attn_norm, layer.ffn_norm = norm(block.attn_norm), norm(block.ffn_norm)
         layer.q_norm, layer.k_norm = norm(attn.q_norm), norm(attn.k_norm)
         layer.v_norm = norm(attn.v_norm)
@@ -152,16 +197,14 @@ class NativeDecodeStep:
         layer.attn_gate, layer.ffn_gate = gate(block.attn_gate), gate(block.ffn_gate)
         layer.kc, layer.vc = pool.k[i].data_ptr(), pool.v[i].data_ptr()
         layer.prenorm_ffn = int(block.prenorm_ffn)
-        if attn.n_heads // attn.n_kv_heads > native_cpu.PagedDecode.MAX_GROUP:
-            raise Unsupported("more query heads per KV head than the attention kernel takes")
         return layer
 
     # ---- per step ----
     def supports(self, rows: int) -> bool:
-        """Whether a step of `rows` one-token rows takes this path: at most MAX_ROWS, and
-        every layer would run its native kernel at that row count (the layers' policy)."""
-        return 0 < rows <= MAX_ROWS and all(m.kernel_name(rows) == "weight-only"
-                                            for m in self._layers_q)
+        """Whether a step of `rows` one-token rows takes this path: at most `max_rows`, and
+        (fused) every layer would run its native kernel at that row count (their policy)."""
+        return 0 < rows <= self.max_rows and all(m.kernel_name(rows) == "weight-only"
+                                            for m in self._quantized)
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention: StepAttention) -> torch.Tensor:
@@ -170,21 +213,61 @@ class NativeDecodeStep:
         tables) -> the final-normed hidden states (R, d), bf16."""
         c, paged = self.config, attention.native
         rows = input_ids.shape[0]
-        if paged is None or attention.n_dec != rows or attention.chunks:
-            raise ValueError("NativeDecodeStep: the step must be all one-token rows, with "
-                             "native paged attention planned")
+        if paged is None or attention.n_dec != rows or attention.chunks or \
+                rows > self.max_rows:
+            raise ValueError(f"NativeDecodeStep: the step must be at most {self.max_rows} "
+                             "one-token rows, with native paged attention planned")
         x = self.model.embed(input_ids).contiguous()  # (R, d) bf16, updated in place
         positions = attention.positions[0]  # (R,)
         cos = self.model.rope.cos[positions].to(torch.bfloat16).contiguous()  # (R, hd/2)
         sin = self.model.rope.sin[positions].to(torch.bfloat16).contiguous()
         pool = attention.pool
         step = _Step(rows, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.n_layers,
-                     pool.num_blocks, pool.block_size, paged.tables.shape[1], self.max_width,
-                     c.norm_eps, c.head_dim ** -0.5, cos.data_ptr(), sin.data_ptr(),
-                     attention.write_index.data_ptr(), paged.tables.data_ptr(),
-                     paged.lengths.data_ptr())
-        rc = self.lib.fanformer_decode_step(ctypes.addressof(self.layers), ctypes.byref(step),
-                                            x.data_ptr(), torch.get_num_threads())
+                     pool.num_blocks, pool.block_size, paged.tables.shape[1],
+                     getattr(self, "max_width", 0), c.norm_eps, c.head_dim ** -0.5,
+                     cos.data_ptr(), sin.data_ptr(), attention.write_index.data_ptr(),
+                     paged.tables.data_ptr(), paged.lengths.data_ptr())
+        if self.fused:
+            rc = self.lib.fanformer_decode_step(ctypes.addressof(self.layers),
+                                                ctypes.byref(step), x.data_ptr(),
+                                                torch.get_num_threads())
+        else:
+            rc = self._phased(x, step)
         if rc:
-            raise MemoryError("fanformer_decode_step could not allocate its workspace")
+            raise MemoryError("the native decode step could not allocate its workspace")
         return self.model.norm(x)  # (R, d)
+
+    def _phased(self, x: torch.Tensor, step: _Step) -> int:
+        """The blocks with torch's projections between the C phases; x (R, d) in place."""
+        c, rows = self.config, step.R
+        view = {name: buf for name, buf in zip(ROWS, self._rows)}
+        shaped = lambda name, width: view[name][: rows * width].view(rows, width)  # noqa: E731
+        d, heads = c.d_model, c.n_heads * c.head_dim
+        qkv_width = heads + 2 * c.n_kv_heads * c.head_dim
+        ptrs = _Rows(*(view[name].data_ptr() for name in ROWS))
+        threads = torch.get_num_threads()
+        phase = lambda which, layer: self.lib.fanformer_block_phase(  # noqa: E731
+            which, ctypes.byref(layer), ctypes.byref(step), x.data_ptr(), ctypes.byref(ptrs),
+            self.ff, threads)
+        for block, layer in zip(self.model.blocks, self.layers):
+            attn, ffn = block.attn, block.ffn
+            h = x
+            if block.attn_norm is not None:
+                phase(ATTN_NORM, layer)
+                h = shaped("h", d)
+            if attn.fan is not None:
+                shaped("a", d - attn.fan.periodic_dim).copy_(attn.fan.proj(h))
+                phase(FAN_FEATURES, layer)
+                h = shaped("xf", d)
+            shaped("qkv", qkv_width).copy_(attn.qkv(h))
+            if phase(ATTENTION, layer):
+                return -1
+            shaped("a", d).copy_(attn.o(shaped("attn", heads)))
+            phase(ATTN_RESIDUAL, layer)
+            n = shaped("n", d)
+            shaped("g", self.ff).copy_(ffn.gate(n))
+            shaped("u", self.ff).copy_(ffn.up(n))
+            phase(SWIGLU, layer)
+            shaped("f", d).copy_(ffn.down(shaped("g", self.ff)))
+            phase(FFN_RESIDUAL, layer)
+        return 0

@@ -1,8 +1,8 @@
 """The native decode step (server/native_step.py, quant/native_step.c) against the eager
-model it replaces: the same hidden states to bf16 rounding for every block variant (FAN,
-CoLA, HybridNorm, gates; dense pre-norm) and quantization method with a native kernel;
-each row the same alone as in a batch; the same greedy tokens through the engine; off
-where it cannot run."""
+model it replaces: the same hidden states to bf16 rounding, fused (every projection on the
+native kernel) and phased (torch's projections: bf16, nf4, or asked for), for every block
+variant (FAN, CoLA, HybridNorm, gates; dense pre-norm); each row the same alone as in a
+batch; the same greedy tokens through the engine; off where it cannot run."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from quant import load_any_checkpoint, native_cpu
 from quant.cli import main
 from server.engine import EngineConfig, LLMEngine
 from server.kv_cache import KVCachePool, Segment, StepAttention
-from server.native_step import MAX_ROWS, NativeDecodeStep
+from server.native_step import FUSED_MAX_ROWS, PHASED_MAX_ROWS, NativeDecodeStep
 from server.sampling import SamplingParams
 from tests.conftest import make_model
 
@@ -22,29 +22,35 @@ pytestmark = pytest.mark.skipif(native_cpu.library() is None,
                                 reason="the native CPU kernels do not run here")
 
 FAST = ["--calib_samples", "4", "--calib_seq_len", "32", "--eval_tokens", "0", "--quiet"]
-# preset (overrides), method, flags. cola_rank 32: CoLA's inner width must hold a group.
+# preset (overrides), method (None: bf16 weights), flags, whether the step is fused.
+# cola_rank 32: CoLA's inner width must hold a quantization group.
 CASES = {
-    "fanformer rtn": ("test", dict(cola_rank=32), "rtn", ["--group_size", "32"]),
-    "fanformer awq": ("test", dict(cola_rank=32), "awq", ["--group_size", "32"]),
+    "fanformer rtn": ("test", dict(cola_rank=32), "rtn", ["--group_size", "32"], True),
+    "fanformer awq": ("test", dict(cola_rank=32), "awq", ["--group_size", "32"], True),
     "dense gptq act-order": ("transformer-test", {}, "gptq",
-                             ["--group_size", "32", "--desc_act", "--lm_head", "int8"]),
-    "dense int8": ("transformer-test", {}, "int8", []),
+                             ["--group_size", "32", "--desc_act", "--lm_head", "int8"], True),
+    "dense int8": ("transformer-test", {}, "int8", [], True),
+    "fanformer bf16": ("test", {}, None, [], False),
+    "dense bf16": ("transformer-test", {}, None, [], False),
+    "dense nf4": ("transformer-test", {}, "nf4", [], False),
 }
 PROMPTS = [[5, 9, 14], [17, 42, 9, 3, 8, 1, 77, 23, 4], list(range(3, 30))]
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def quantized(request, tmp_path_factory, tokenizer):
-    preset, overrides, method, flags = CASES[request.param]
+def case(request, tmp_path_factory, tokenizer):
+    """(bf16 model, tokenizer, whether its step is fused)"""
+    preset, overrides, method, flags, fused = CASES[request.param]
     if method == "int8" and not native_cpu.full_build():
         pytest.skip("int8 layers run natively on the AVX-512 build only")
-    src = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt",
-                          make_model(preset, **overrides), tokenizer)
-    out = tmp_path_factory.mktemp("q") / method
-    assert main(["--method", method, "--checkpoint", str(src), "--output", str(out), *FAST,
-                 *flags]) == 0
-    model, tok = load_any_checkpoint(out, dtype=torch.bfloat16)
-    return model.eval(), tok, out
+    model = make_model(preset, **overrides)
+    if method is not None:
+        src = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt", model, tokenizer)
+        out = tmp_path_factory.mktemp("q") / method
+        assert main(["--method", method, "--checkpoint", str(src), "--output", str(out),
+                     *FAST, *flags]) == 0
+        model, _ = load_any_checkpoint(out)
+    return model.to(torch.bfloat16).eval(), tokenizer, fused
 
 
 def prefilled(model, prompts, block_size=4):
@@ -71,11 +77,14 @@ def decode(step, model, pool, tables, prompts, rows, native):
         return model.hidden_states(ids[None], attention.positions, attention)[0]
 
 
-def test_matches_the_eager_model_to_bf16_rounding(quantized):
-    model, _, _ = quantized
+@pytest.mark.parametrize("phased", [False, True])
+def test_matches_the_eager_model_to_bf16_rounding(case, phased):
+    model, _, fused = case
     pool, tables = prefilled(model, PROMPTS)
     step = NativeDecodeStep.build(model, pool)
-    assert step is not None and step.supports(len(PROMPTS))
+    assert step is not None and step.fused == fused and step.supports(len(PROMPTS))
+    if phased:  # the phased way for every model, the fused ones too
+        step = NativeDecodeStep(model, pool, native_cpu.library(), fused=False)
     rows = list(range(len(PROMPTS)))
     eager = decode(step, model, pool, tables, PROMPTS, rows, native=False).float()
     native = decode(step, model, pool, tables, PROMPTS, rows, native=True).float()
@@ -85,8 +94,8 @@ def test_matches_the_eager_model_to_bf16_rounding(quantized):
     assert (native == eager).float().mean() > 0.9  # nearly all of them to the bit
 
 
-def test_a_row_alone_equals_it_in_a_batch(quantized):
-    model, _, _ = quantized
+def test_a_row_alone_equals_it_in_a_batch(case):
+    model, _, _ = case
     pool, tables = prefilled(model, PROMPTS)
     step = NativeDecodeStep.build(model, pool)
     batch = decode(step, model, pool, tables, PROMPTS, [0, 1, 2], native=True)
@@ -95,8 +104,8 @@ def test_a_row_alone_equals_it_in_a_batch(quantized):
         assert torch.equal(alone[0], batch[r])
 
 
-def test_the_avx2_build_gives_the_same_bits(quantized):
-    model, _, _ = quantized
+def test_the_avx2_build_gives_the_same_bits(case):
+    model, _, _ = case
     if not native_cpu.ISAS["avx2"][1] <= native_cpu.cpu_flags() or not native_cpu.full_build():
         pytest.skip("needs a CPU that runs both builds")
     if any(getattr(m, "bits", 4) == 8 for m in model.modules()) or \
@@ -125,28 +134,22 @@ def _greedy(model, tokenizer, native: bool) -> dict[str, list[int]]:
     return out
 
 
-def test_the_engine_decodes_with_it_and_gives_the_eager_tokens(quantized):
-    model, tokenizer, _ = quantized
+def test_the_engine_decodes_with_it_and_gives_the_eager_tokens(case):
+    model, tokenizer, _ = case
     assert _greedy(model, tokenizer, native=True) == _greedy(model, tokenizer, native=False)
 
 
-def test_it_is_off_where_it_cannot_run(quantized, tokenizer):
-    model, _, path = quantized
-    assert NativeDecodeStep.build(make_model("test").to(torch.bfloat16),
-                                  KVCachePool(model.config, 4, 4, torch.bfloat16, "cpu")) is None
-    fp32 = KVCachePool(model.config, 4, 4, torch.float32, "cpu")
-    assert NativeDecodeStep.build(model, fp32) is None
+def test_it_is_off_where_it_cannot_run(case, monkeypatch):
+    model, tokenizer, fused = case
+    pool = KVCachePool(model.config, 4, 4, torch.bfloat16, "cpu")
+    step = NativeDecodeStep.build(model, pool)
+    most = FUSED_MAX_ROWS if fused else PHASED_MAX_ROWS
+    assert step.supports(1) and step.supports(most) and not step.supports(most + 1)
+    assert NativeDecodeStep.build(model, KVCachePool(model.config, 4, 4, torch.float32,
+                                                     "cpu")) is None
+    assert NativeDecodeStep.build(make_model("test"), pool) is None  # an fp32 model
     invariant = LLMEngine(model, tokenizer, EngineConfig(dtype="bfloat16",
                                                         batch_invariant=True))
-    assert invariant.native_step is None  # larger steps' eager bits would differ
-    step = NativeDecodeStep.build(model, KVCachePool(model.config, 4, 4, torch.bfloat16, "cpu"))
-    assert step.supports(1) and step.supports(MAX_ROWS) and not step.supports(MAX_ROWS + 1)
-
-
-def test_nf4_layers_keep_the_eager_step(tmp_path, tokenizer):
-    src = save_checkpoint(tmp_path / "ckpt", make_model("transformer-test"), tokenizer)
-    assert main(["--method", "nf4", "--checkpoint", str(src), "--output",
-                 str(tmp_path / "nf4"), *FAST]) == 0
-    model, _ = load_any_checkpoint(tmp_path / "nf4", dtype=torch.bfloat16)
-    assert NativeDecodeStep.build(model, KVCachePool(model.config, 4, 4, torch.bfloat16,
-                                                     "cpu")) is None
+    assert invariant.native_step is None  # larger steps' eager bits could differ
+    monkeypatch.setenv("FANFORMER_NATIVE_STEP", "0")
+    assert NativeDecodeStep.build(model, pool) is None
