@@ -105,8 +105,8 @@ class NativeDecodeStep:
             self.max_rows = PHASED_MAX_ROWS
             self._describe(pool, projections=False)
             self.ff = c.d_ff if c.cola_rank == 0 else model.blocks[0].ffn.gate.b.out_features
-            width = max(c.d_model, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, self.ff)
-            self._rows = torch.empty(len(ROWS), PHASED_MAX_ROWS * width, dtype=torch.bfloat16)
+            self.width = max(c.d_model, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, self.ff)
+            self._rows = torch.empty(len(ROWS), 0, dtype=torch.bfloat16)  # grown on demand
 
     @classmethod
     def build(cls, model: nn.Module, pool: KVCachePool) -> NativeDecodeStep | None:
@@ -240,6 +240,8 @@ class NativeDecodeStep:
     def _phased(self, x: torch.Tensor, step: _Step) -> int:
         """The blocks with torch's projections between the C phases; x (R, d) in place."""
         c, rows = self.config, step.R
+        if self._rows.shape[1] < rows * self.width:  # (len(ROWS), rows * width) bf16
+            self._rows = torch.empty(len(ROWS), rows * self.width, dtype=torch.bfloat16)
         view = {name: buf for name, buf in zip(ROWS, self._rows)}
         shaped = lambda name, width: view[name][: rows * width].view(rows, width)  # noqa: E731
         d, heads = c.d_model, c.n_heads * c.head_dim

@@ -1,0 +1,87 @@
+"""The native decode step against the eager model, in one engine, alternating.
+
+For each row count, `rows` requests (64-token prompts, greedy, EOS ignored) are prefilled,
+then decode steps run in alternating groups of `--group` steps with the engine's native
+step on and off (`engine.native_step` set to None), so both see the same contexts, the
+same process and the same machine noise. Prints the median step time of each and their
+ratio. Use a quantized checkpoint for the fused step, a bf16 one for the phased step
+(server/native_step.py). Run it on an idle machine; compare figures of one run only.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/native_step.py --checkpoint CKPT \\
+        --rows 1 4 16 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from bench_engine import build_model, prompts
+
+from quant.convert import load_any_checkpoint
+from server.engine import EngineConfig, LLMEngine
+from server.sampling import SamplingParams
+
+
+def measure(model, tokenizer, rows: int, groups: int, group: int, beyond: bool) -> dict:
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=max(rows, 1),
+                                                      dtype="bfloat16"))
+    native = engine.native_step
+    if native is None:
+        raise SystemExit("native_step: the engine built no native step here (see its log)")
+    takes_it = native.supports(rows)
+    if beyond:
+        native.max_rows = rows  # what the step would do at this count
+    params = SamplingParams(max_tokens=groups * group + 16, ignore_eos=True, temperature=0)
+    for i, p in enumerate(prompts(rows, 64, model.config.vocab_size, 0)):
+        engine.add_request(f"r{i}", p, params)
+    while any(r.prefilling for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(4):
+        engine.step()
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for k in range(groups):
+        on = k % 2 == 0
+        engine.native_step = native if on else None
+        for _ in range(group):
+            start = time.perf_counter()
+            engine.step()
+            times[on].append(time.perf_counter() - start)
+    ms = {on: statistics.median(t) * 1e3 for on, t in times.items()}
+    return {"native_ms": ms[True], "eager_ms": ms[False], "way": "fused" if native.fused
+            else "phased", "takes_it": takes_it}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default=None, help="a plain or quantized checkpoint")
+    p.add_argument("--preset", default="transformer-64m",
+                   help="random bf16 weights of this preset when no --checkpoint")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32])
+    p.add_argument("--groups", type=int, default=16, help="alternating groups (even)")
+    p.add_argument("--group", type=int, default=8, help="decode steps per group")
+    p.add_argument("--beyond", action="store_true",
+                   help="lift the step's row bound: measure it where the engine would not take it")
+    args = p.parse_args()
+    if args.checkpoint:
+        model, tokenizer = load_any_checkpoint(args.checkpoint, dtype=torch.bfloat16)
+    else:
+        from bench_engine import byte_tokenizer
+        model, tokenizer = build_model(args.preset, torch.bfloat16), byte_tokenizer()
+    print(f"# {args.checkpoint or args.preset}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("| rows | way | taken at this count | native step ms | eager step ms | eager / native |")
+    print("|---:|---|---|---:|---:|---:|")
+    for rows in args.rows:
+        r = measure(model.eval(), tokenizer, rows, args.groups, args.group, args.beyond)
+        print(f"| {rows} | {r['way']} | {'yes' if r['takes_it'] else 'no'} "
+              f"| {r['native_ms']:.2f} | {r['eager_ms']:.2f} "
+              f"| {r['eager_ms'] / r['native_ms']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
