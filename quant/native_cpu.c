@@ -48,8 +48,13 @@ int fanformer_wq_linear(const void *x, int bf16, int64_t M, int64_t K, int bits,
         free(q); free(a_scale); free(a_sum);
         return -1;
     }
+    team_barrier_t bar = TEAM_BARRIER_INIT;
 #pragma omp parallel num_threads(nthreads)
-    wq_linear_rows(x, bf16, M, K, bits, packed, scale, minus_zs, N, Np, gs, y, q, a_scale, a_sum);
+    {
+        team_t t = team_join(&bar);
+        wq_linear_rows(&t, x, bf16, M, K, bits, packed, scale, minus_zs, N, Np, gs, y, q,
+                       a_scale, a_sum);
+    }
     free(q); free(a_scale); free(a_sum);
     return 0;
 }

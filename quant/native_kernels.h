@@ -230,22 +230,74 @@ static inline void row_to_float(const void *src, int bf16, int64_t i, int64_t n,
     }
 }
 
+/* ---- a team: the threads of one OpenMP region, synchronised by spinning ----
+ * libgomp's barriers under OMP_WAIT_POLICY=PASSIVE (what fanformer-serve sets) put a waiting
+ * thread to sleep at once and wake it with a futex, microseconds each; a fused decode step
+ * has about 150 of them (docs/ENGINE.md "The native decode step": the step took 2.1 ms under
+ * PASSIVE, 1.2 ms under ACTIVE). Within one call every thread of the team is busy anyway, so
+ * a waiting thread spins, and yields its core after SPIN_LIMIT pauses in case the one it
+ * waits for lost its own. Loops split as `schedule(static)` would: contiguous shares. */
+#include <omp.h>
+#include <sched.h>
+#define SPIN_LIMIT 2000
+typedef struct {
+    int count, sense;
+} team_barrier_t;
+typedef struct {
+    int tid, n, sense;
+    team_barrier_t *bar;
+} team_t;
+#define TEAM_BARRIER_INIT {0, 0}
+#define TEAM_SOLO {0, 1, 0, NULL}
+
+/* Inside `#pragma omp parallel`: this thread's member of the team sharing `bar` (every
+ * thread of the region, however many it got). */
+static inline team_t team_join(team_barrier_t *bar) {
+    team_t t = {omp_get_thread_num(), omp_get_num_threads(), 0, bar};
+    return t;
+}
+
+static inline void team_sync(team_t *t) {
+    if (t->n == 1) return;
+    t->sense = !t->sense;
+    if (__atomic_add_fetch(&t->bar->count, 1, __ATOMIC_ACQ_REL) == t->n) {
+        __atomic_store_n(&t->bar->count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&t->bar->sense, t->sense, __ATOMIC_RELEASE);
+    } else {
+        for (int spins = 0; __atomic_load_n(&t->bar->sense, __ATOMIC_ACQUIRE) != t->sense;
+             spins++)
+            if (spins < SPIN_LIMIT) _mm_pause(); else sched_yield();
+    }
+}
+
+static inline int64_t team_lo(const team_t *t, int64_t total) {
+    const int64_t share = (total + t->n - 1) / t->n, lo = t->tid * share;
+    return lo < total ? lo : total;
+}
+
+static inline int64_t team_hi(const team_t *t, int64_t total) {
+    const int64_t hi = team_lo(t, total) + (total + t->n - 1) / t->n;
+    return hi < total ? hi : total;
+}
+
+/* for i over this thread's share of [0, total); follow the loop with team_sync */
+#define TEAM_FOR(t, i, total) \
+    for (int64_t i = team_lo(t, total), i##_end = team_hi(t, total); i < i##_end; i++)
+
 /* y (M, N) = x (M, K) @ W.T (the layout and numerics: native_cpu.c), with the caller's
- * workspace q (M * K), a_scale and a_sum (M * K / gs). Its two loops are orphaned OpenMP
- * worksharing: called inside a parallel region, that region's threads split them (each
- * loop ends with a barrier); called outside one, it runs on the calling thread. */
-static void wq_linear_rows(const void *x, int bf16, int64_t M, int64_t K, int bits,
+ * workspace q (M * K), a_scale and a_sum (M * K / gs), by the team: rows quantized, then the
+ * channel blocks shared out, each phase ended by a team_sync. */
+static void wq_linear_rows(team_t *t, const void *x, int bf16, int64_t M, int64_t K, int bits,
                            const uint8_t *packed, const float *scale, const float *minus_zs,
                            int64_t N, int64_t Np, int64_t gs, void *y, int8_t *q,
                            float *a_scale, float *a_sum) {
     const int64_t G = K / gs, blocks = Np / BLOCK;
     const size_t row_bytes = bf16 ? 2 : 4;
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; m++)
+    TEAM_FOR(t, m, M)
         quantize_row((const char *)x + m * K * row_bytes, bf16, K, gs, q + m * K,
                      a_scale + m * G, a_sum + m * G);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
+    team_sync(t);
+    TEAM_FOR(t, b, blocks) {
         const int64_t n0 = b * BLOCK;
 #ifdef FANFORMER_AVX512
         const __mmask16 mask = N - n0 >= BLOCK ? (__mmask16)0xFFFF
@@ -265,6 +317,7 @@ static void wq_linear_rows(const void *x, int bf16, int64_t M, int64_t K, int bi
             block_rows(1, q, a_scale, a_sum, m0, K, G, gs, bits, wblock, scale, minus_zs, Np,
                        n0, y, bf16, N, mask);
     }
+    team_sync(t);
 }
 
 /* Decode attention of one (row, kv head) item (native_cpu.c's fanformer_paged_decode):

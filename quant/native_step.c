@@ -15,7 +15,6 @@
  * ones). Each row is computed alone: the result does not depend on the other rows.
  * The Python side (server/native_step.py) builds the descriptors and checks every shape.
  */
-#include <omp.h>
 
 #include "native_kernels.h"
 
@@ -75,37 +74,37 @@ typedef struct {  /* shared scratch of one call */
 } scratch_t;
 
 /* y (R, N) bf16 = linear(x (R, K) bf16); inside the parallel region */
-static void run_linear(const linear_t *l, int64_t R, const uint16_t *x, uint16_t *y,
-                       const scratch_t *w) {
+static void run_linear(team_t *t, const linear_t *l, int64_t R, const uint16_t *x,
+                       uint16_t *y, const scratch_t *w) {
     const uint16_t *in = x;
     if (l->perm || l->in_scale) {
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < R; m++)
+        TEAM_FOR(t, m, R)
             for (int64_t k = 0; k < l->K; k++)
                 w->xp[m * l->K + k] = l->perm ? x[m * l->K + l->perm[k]]
                                               : round_bf16(bf(x[m * l->K + k]) * bf(l->in_scale[k]));
+        team_sync(t);
         in = w->xp;
     }
-    wq_linear_rows(in, 1, R, l->K, (int)l->bits, l->packed, l->scale, l->minus_zs, l->N, l->Np,
-                   l->gs, y, w->q8, w->a_scale, w->a_sum);
+    wq_linear_rows(t, in, 1, R, l->K, (int)l->bits, l->packed, l->scale, l->minus_zs, l->N,
+                   l->Np, l->gs, y, w->q8, w->a_scale, w->a_sum);
     if (l->bias) {
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < R; m++)
+        TEAM_FOR(t, m, R)
             for (int64_t n = 0; n < l->N; n++)
                 y[m * l->N + n] = round_bf16(bf(y[m * l->N + n]) + bf(l->bias[n]));
+        team_sync(t);
     }
 }
 
-static void run_proj(const proj_t *p, int64_t R, const uint16_t *x, uint16_t *y,
+static void run_proj(team_t *t, const proj_t *p, int64_t R, const uint16_t *x, uint16_t *y,
                      const scratch_t *w) {
     if (!p->cola) {
-        run_linear(&p->a, R, x, y, w);
+        run_linear(t, &p->a, R, x, y, w);
         return;
     }
-    run_linear(&p->a, R, x, w->mid, w);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < R * p->a.N; i++) w->mid[i] = silu_bf16(w->mid[i]);
-    run_linear(&p->b, R, w->mid, y, w);
+    run_linear(t, &p->a, R, x, w->mid, w);
+    TEAM_FOR(t, i, R * p->a.N) w->mid[i] = silu_bf16(w->mid[i]);
+    team_sync(t);
+    run_linear(t, &p->b, R, w->mid, y, w);
 }
 
 /* q, k: (heads, hd) rotated in place by one row's cos/sin (hd / 2): rotate-half, each product
@@ -142,17 +141,16 @@ typedef struct {
  * worksharing (as wq_linear_rows'): the fused step runs them inside its region, the phase
  * entry point (below) on its caller's thread or in a region of its own. */
 
-static void attn_norm_rows(const layer_t *L, const step_t *s, const uint16_t *x, rows_t *b) {
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < s->R; m++)
-        rms_norm(x + m * s->d, L->attn_norm, s->d, s->eps, b->h + m * s->d);
+static void attn_norm_rows(team_t *t, const layer_t *L, const step_t *s, const uint16_t *x,
+                           rows_t *b) {
+    TEAM_FOR(t, m, s->R) rms_norm(x + m * s->d, L->attn_norm, s->d, s->eps, b->h + m * s->d);
+    team_sync(t);
 }
 
 /* X_F = [cos(P) | sin(P) | G] from the FAN projection's (R, d - p) output in b->a */
-static void fan_features(const layer_t *L, const step_t *s, rows_t *b) {
+static void fan_features(team_t *t, const layer_t *L, const step_t *s, rows_t *b) {
     const int64_t d = s->d, p = L->fan_periodic, pg = d - p;
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < s->R; m++) {
+    TEAM_FOR(t, m, s->R) {
         const uint16_t *src = b->a + m * pg;
         uint16_t *dst = b->xf + m * d;
         for (int64_t i = 0; i < p; i++) {
@@ -161,16 +159,16 @@ static void fan_features(const layer_t *L, const step_t *s, rows_t *b) {
         }
         memcpy(dst + 2 * p, src + p, sizeof(uint16_t) * (size_t)(pg - p));
     }
+    team_sync(t);
 }
 
 /* qkv -> QKV norms, RoPE, k and v into the cache, q into b->q; then each (row, kv head)'s
  * attention over its blocks into b->attn. att_buf: this thread's attend_item scratch. */
-static void attention(const layer_t *L, const step_t *s, rows_t *b, float *att_buf,
-                      int64_t longest) {
+static void attention(team_t *t, const layer_t *L, const step_t *s, rows_t *b,
+                      float *att_buf, int64_t longest) {
     const int64_t R = s->R, H = s->H, n_kv = s->n_kv, hd = s->hd;
     const int64_t width = (H + 2 * n_kv) * hd;
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < R; m++) {
+    TEAM_FOR(t, m, R) {
         uint16_t *q = b->qkv + m * width, *k = q + H * hd, *v = k + n_kv * hd;
         if (L->q_norm) {
             for (int64_t h = 0; h < H; h++) rms_norm(q + h * hd, L->q_norm, hd, s->eps, q + h * hd);
@@ -190,38 +188,40 @@ static void attention(const layer_t *L, const step_t *s, rows_t *b, float *att_b
         }
         memcpy(b->q + m * H * hd, q, sizeof(uint16_t) * (size_t)(H * hd));  /* (R, H, hd) */
     }
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < R * n_kv; item++)
+    team_sync(t);
+    TEAM_FOR(t, item, R * n_kv)
         attend_item(b->q, L->kc, L->vc, 1, s->tables, s->table_stride, s->lens, item, H, n_kv,
                     s->num_blocks, s->bs, hd, longest, s->scale, b->attn, att_buf);
+    team_sync(t);
 }
 
 /* y = x + gate * a (the attention's output projection); n = Norm(y) */
-static void attn_residual(const layer_t *L, const step_t *s, const uint16_t *x, rows_t *b) {
+static void attn_residual(team_t *t, const layer_t *L, const step_t *s, const uint16_t *x,
+                          rows_t *b) {
     const int64_t d = s->d;
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < s->R; m++) {
+    TEAM_FOR(t, m, s->R) {
         for (int64_t i = 0; i < d; i++)
             b->y[m * d + i] = gated_add(x[m * d + i], L->attn_gate, i, b->a[m * d + i]);
         rms_norm(b->y + m * d, L->ffn_norm, d, s->eps, b->n + m * d);
     }
+    team_sync(t);
 }
 
 /* g = SiLU(g) * u over (R, ff) */
-static void swiglu(const step_t *s, int64_t ff, rows_t *b) {
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < s->R * ff; i++)
-        b->g[i] = round_bf16(bf(silu_bf16(b->g[i])) * bf(b->u[i]));
+static void swiglu(team_t *t, const step_t *s, int64_t ff, rows_t *b) {
+    TEAM_FOR(t, i, s->R * ff) b->g[i] = round_bf16(bf(silu_bf16(b->g[i])) * bf(b->u[i]));
+    team_sync(t);
 }
 
 /* x = residual + gate * f, the residual y (pre-norm FFN) or n (post-norm) */
-static void ffn_residual(const layer_t *L, const step_t *s, uint16_t *x, const rows_t *b) {
+static void ffn_residual(team_t *t, const layer_t *L, const step_t *s, uint16_t *x,
+                         const rows_t *b) {
     const int64_t d = s->d;
     const uint16_t *residual = L->prenorm_ffn ? b->y : b->n;
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < s->R; m++)
+    TEAM_FOR(t, m, s->R)
         for (int64_t i = 0; i < d; i++)
             x[m * d + i] = gated_add(residual[m * d + i], L->ffn_gate, i, b->f[m * d + i]);
+    team_sync(t);
 }
 
 static int64_t longest_row(const step_t *s) {
@@ -236,27 +236,27 @@ static int64_t attend_floats(const step_t *s, int64_t longest) {  /* attend_item
 }
 
 /* One block, every projection on the native quantized linear, inside the step's region */
-static void block(const layer_t *L, const step_t *s, uint16_t *x, rows_t *b,
+static void block(team_t *t, const layer_t *L, const step_t *s, uint16_t *x, rows_t *b,
                   const scratch_t *w, float *att_buf, int64_t longest) {
     const uint16_t *in = x;
     if (L->attn_norm) {
-        attn_norm_rows(L, s, x, b);
+        attn_norm_rows(t, L, s, x, b);
         in = b->h;
     }
     if (L->fan_periodic) {
-        run_proj(&L->fan, s->R, in, b->a, w);  /* (R, d - p): P | G */
-        fan_features(L, s, b);
+        run_proj(t, &L->fan, s->R, in, b->a, w);  /* (R, d - p): P | G */
+        fan_features(t, L, s, b);
         in = b->xf;
     }
-    run_proj(&L->qkv, s->R, in, b->qkv, w);  /* (R, (H + 2 n_kv) hd): q | k | v */
-    attention(L, s, b, att_buf, longest);
-    run_proj(&L->o, s->R, b->attn, b->a, w);  /* (R, d) */
-    attn_residual(L, s, x, b);
-    run_proj(&L->gate, s->R, b->n, b->g, w);
-    run_proj(&L->up, s->R, b->n, b->u, w);
-    swiglu(s, L->gate.cola ? L->gate.b.N : L->gate.a.N, b);
-    run_proj(&L->down, s->R, b->g, b->f, w);
-    ffn_residual(L, s, x, b);
+    run_proj(t, &L->qkv, s->R, in, b->qkv, w);  /* (R, (H + 2 n_kv) hd): q | k | v */
+    attention(t, L, s, b, att_buf, longest);
+    run_proj(t, &L->o, s->R, b->attn, b->a, w);  /* (R, d) */
+    attn_residual(t, L, s, x, b);
+    run_proj(t, &L->gate, s->R, b->n, b->g, w);
+    run_proj(t, &L->up, s->R, b->n, b->u, w);
+    swiglu(t, s, L->gate.cola ? L->gate.b.N : L->gate.a.N, b);
+    run_proj(t, &L->down, s->R, b->g, b->f, w);
+    ffn_residual(t, L, s, x, b);
 }
 
 /* The fused step. x (R, d) bf16: the rows' embeddings in, the last block's output (before
@@ -278,10 +278,12 @@ int fanformer_decode_step(const layer_t *layers, const step_t *s, uint16_t *x, i
     for (size_t i = 0; i < sizeof(slots) / sizeof(slots[0]); i++) *slots[i] = mem + i * rows;
     scratch_t w = {mem + 11 * rows, mem + 12 * rows, q8, fl, fl + R * (W / 16 + 1)};
     float *att = fl + 2 * R * (W / 16 + 1);
+    team_barrier_t bar = TEAM_BARRIER_INIT;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *mine = att + omp_get_thread_num() * att_floats;
-        for (int64_t l = 0; l < s->n_layers; l++) block(&layers[l], s, x, &b, &w, mine, longest);
+        team_t t = team_join(&bar);
+        float *mine = att + t.tid * att_floats;
+        for (int64_t l = 0; l < s->n_layers; l++) block(&t, &layers[l], s, x, &b, &w, mine, longest);
     }
     free(mem); free(q8); free(fl);
     return 0;
@@ -295,20 +297,25 @@ int fanformer_decode_step(const layer_t *layers, const step_t *s, uint16_t *x, i
  * attention's workspace cannot be allocated, -2 for an unknown phase. */
 int fanformer_block_phase(int phase, const layer_t *L, const step_t *s, uint16_t *x,
                           rows_t *b, int64_t ff, int nthreads) {
+    team_t solo = TEAM_SOLO;  /* the elementwise phases: on the calling thread */
     switch (phase) {
-    case 0: attn_norm_rows(L, s, x, b); return 0;
-    case 1: fan_features(L, s, b); return 0;
-    case 3: attn_residual(L, s, x, b); return 0;
-    case 4: swiglu(s, ff, b); return 0;
-    case 5: ffn_residual(L, s, x, b); return 0;
+    case 0: attn_norm_rows(&solo, L, s, x, b); return 0;
+    case 1: fan_features(&solo, L, s, b); return 0;
+    case 3: attn_residual(&solo, L, s, x, b); return 0;
+    case 4: swiglu(&solo, s, ff, b); return 0;
+    case 5: ffn_residual(&solo, L, s, x, b); return 0;
     case 2: break;
     default: return -2;
     }
     const int64_t longest = longest_row(s), att_floats = attend_floats(s, longest);
     float *att = (float *)malloc(sizeof(float) * (size_t)(nthreads * att_floats));
     if (!att) return -1;
+    team_barrier_t bar = TEAM_BARRIER_INIT;
 #pragma omp parallel num_threads(nthreads)
-    attention(L, s, b, att + omp_get_thread_num() * att_floats, longest);
+    {
+        team_t t = team_join(&bar);
+        attention(&t, L, s, b, att + t.tid * att_floats, longest);
+    }
     free(att);
     return 0;
 }
