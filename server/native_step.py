@@ -38,6 +38,7 @@ from fanformer.model import FANformer
 from quant import native_cpu
 from quant.layers import QuantLinear
 from server.kv_cache import KVCachePool, StepAttention
+from server.single_row import SingleRowLinear
 
 log = logging.getLogger(__name__)
 
@@ -242,34 +243,42 @@ class NativeDecodeStep:
         c, rows = self.config, step.R
         if self._rows.shape[1] < rows * self.width:  # (len(ROWS), rows * width) bf16
             self._rows = torch.empty(len(ROWS), rows * self.width, dtype=torch.bfloat16)
-        view = {name: buf for name, buf in zip(ROWS, self._rows)}
-        shaped = lambda name, width: view[name][: rows * width].view(rows, width)  # noqa: E731
-        d, heads = c.d_model, c.n_heads * c.head_dim
-        qkv_width = heads + 2 * c.n_kv_heads * c.head_dim
-        ptrs = _Rows(*(view[name].data_ptr() for name in ROWS))
-        threads = torch.get_num_threads()
-        phase = lambda which, layer: self.lib.fanformer_block_phase(  # noqa: E731
-            which, ctypes.byref(layer), ctypes.byref(step), x.data_ptr(), ctypes.byref(ptrs),
-            self.ff, threads)
+        buf = dict(zip(ROWS, self._rows))
+        d, heads, ff = c.d_model, c.n_heads * c.head_dim, self.ff
+        widths = {"h": d, "xf": d, "qkv": heads + 2 * c.n_kv_heads * c.head_dim,
+                  "attn": heads, "a": d, "n": d, "g": ff, "u": ff, "f": d}
+        v = {name: buf[name][: rows * w].view(rows, w) for name, w in widths.items()}
+        ptrs = _Rows(*(buf[name].data_ptr() for name in ROWS))
+        args = (ctypes.byref(step), x.data_ptr(), ctypes.byref(ptrs), ff,
+                torch.get_num_threads())
+        run = self.lib.fanformer_block_phase
         for block, layer in zip(self.model.blocks, self.layers):
-            attn, ffn = block.attn, block.ffn
+            attn, ffn, desc = block.attn, block.ffn, ctypes.byref(layer)
             h = x
             if block.attn_norm is not None:
-                phase(ATTN_NORM, layer)
-                h = shaped("h", d)
+                run(ATTN_NORM, desc, *args)
+                h = v["h"]
             if attn.fan is not None:
-                shaped("a", d - attn.fan.periodic_dim).copy_(attn.fan.proj(h))
-                phase(FAN_FEATURES, layer)
-                h = shaped("xf", d)
-            shaped("qkv", qkv_width).copy_(attn.qkv(h))
-            if phase(ATTENTION, layer):
+                fan = buf["a"][: rows * (d - attn.fan.periodic_dim)].view(rows, -1)
+                fan.copy_(attn.fan.proj(h))  # (R, d - p): P | G
+                run(FAN_FEATURES, desc, *args)
+                h = v["xf"]
+            _into(attn.qkv, h, v["qkv"])
+            if run(ATTENTION, desc, *args):
                 return -1
-            shaped("a", d).copy_(attn.o(shaped("attn", heads)))
-            phase(ATTN_RESIDUAL, layer)
-            n = shaped("n", d)
-            shaped("g", self.ff).copy_(ffn.gate(n))
-            shaped("u", self.ff).copy_(ffn.up(n))
-            phase(SWIGLU, layer)
-            shaped("f", d).copy_(ffn.down(shaped("g", self.ff)))
-            phase(FFN_RESIDUAL, layer)
+            _into(attn.o, v["attn"], v["a"])
+            run(ATTN_RESIDUAL, desc, *args)
+            _into(ffn.gate, v["n"], v["g"])
+            _into(ffn.up, v["n"], v["u"])
+            run(SWIGLU, desc, *args)
+            _into(ffn.down, v["g"], v["f"])
+            run(FFN_RESIDUAL, desc, *args)
         return 0
+
+
+def _into(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+    """out <- module(x) with the module's own bits (in place for a one-row GEMV)."""
+    if isinstance(module, SingleRowLinear):
+        module.forward_into(x, out)
+    else:
+        out.copy_(module(x))

@@ -29,6 +29,14 @@ class SingleRowLinear(nn.Linear):
             return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out <- self(x), the same bits; a one-row x is written in place, without the
+        temporary and the copy (server/native_step.py's phased step)."""
+        if x.numel() == self.in_features and x.dtype == self.weight.dtype:  # one row
+            torch.mv(self.weight, x.reshape(-1), out=out.view(-1))
+        else:
+            out.copy_(self(x))
+
 
 def use_mv_for_single_rows(model: nn.Module) -> int:
     """Turn the model's bias-free bf16 CPU `nn.Linear`s into `SingleRowLinear`s in place;

@@ -77,3 +77,16 @@ def test_engine_tokens_do_not_change_with_the_gemv_path(tokenizer):
         tokens[name] = out
     assert len(tokens["mv"]) == 12
     assert tokens["mv"] == tokens["linear"]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_forward_into_writes_what_forward_returns(rows):
+    """The phased native step (server/native_step.py) writes a projection into its buffer:
+    the same bits as the call, one row (in place through torch.mv) or more."""
+    torch.manual_seed(0)
+    layer = nn.Linear(512, 1536, bias=False).to(torch.bfloat16)
+    layer.__class__ = SingleRowLinear
+    x = torch.randn(rows, 512, dtype=torch.bfloat16)
+    out = torch.full((rows, 1536), float("nan"), dtype=torch.bfloat16)
+    layer.forward_into(x, out)
+    assert torch.equal(out, layer(x))
