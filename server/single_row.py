@@ -31,7 +31,8 @@ class SingleRowLinear(nn.Linear):
 
     def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """out <- self(x), the same bits; a one-row x is written in place, without the
-        temporary and the copy (server/native_step.py's phased step)."""
+        temporary and the copy (server/native_step.py's phased step). Inference only:
+        `out=` takes no autograd."""
         if x.numel() == self.in_features and x.dtype == self.weight.dtype:  # one row
             torch.mv(self.weight, x.reshape(-1), out=out.view(-1))
         else:
