@@ -1,11 +1,14 @@
-/* A whole decode step of a quantized FANformer in one call: every block of the model for R
- * decode rows (one token each), in one OpenMP region.
+/* The decode step of a bf16 FANformer in C, for R rows of one token each (server/
+ * native_step.py). Fused (`fanformer_decode_step`): every block of a model whose every
+ * projection is a native quantized linear, in one call and one OpenMP region. Phased
+ * (`fanformer_block_phase`): the elementwise phases between projections, one call each,
+ * for any other bf16 model, whose projections torch runs in between.
  *
- * Why: a one-row step in eager PyTorch is ~2,000 small aten calls around 61 linears; the
- * linears are a third of it (docs/ENGINE.md "The native decode step"). Here each block is
- * the same sequence of the same kernels (native_kernels.h: the quantized linear, the paged
- * decode attention) with the elementwise work between them done in place, and the threads
- * are woken once per step instead of once per op.
+ * Why: a one-row step in eager PyTorch is ~2,000 small aten calls around 61 linears
+ * (docs/ENGINE.md "The native decode step"). Here each block is the same sequence of the
+ * same kernels (native_kernels.h: the quantized linear, the paged decode attention) with the
+ * elementwise work between them done in place, and the fused step wakes its threads once
+ * per step instead of once per op.
  *
  * The block (fanformer/model.py `Block`, eval mode): HybridNorm* or pre-norm, the FAN layer,
  * CoLA or dense projections, per-head QKV norms, RoPE (rotate-half), paged GQA attention,

@@ -157,6 +157,8 @@ class NativeDecodeStep:
         kernel = module._kernel("weight-only")
         if not isinstance(kernel, native_cpu.NativeKernel):
             raise Unsupported(f"a {type(module).__name__} has no native kernel here")
+        if kernel.bits == 8 and self.lib.isa != "avx512":
+            raise Unsupported("8-bit layers need the AVX-512 build")  # AVX2 has no 8-bit path
         perm = None
         if kernel.perm is not None:
             perm = kernel.perm.to(torch.int64).contiguous()
