@@ -48,6 +48,18 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(3, vocab, (n, length), generator=g).tolist()
 
 
+def start_decoding(engine: LLMEngine, rows: int, params: SamplingParams,
+                   warmup: int = 3) -> None:
+    """Submit `rows` random 64-token prompts, step until every one is decoding, then
+    `warmup` steps more: where the step benchmarks start timing."""
+    for i, p in enumerate(prompts(rows, 64, engine.model_config.vocab_size, 0)):
+        engine.add_request(f"r{i}", p, params)
+    while any(r.prefilling for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(warmup):
+        engine.step()
+
+
 def run_engine(engine: LLMEngine, batch: list[list[int]], new_tokens: int) -> dict:
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     start, cpu = time.perf_counter(), time.process_time()

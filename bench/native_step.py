@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from bench_engine import build_model, prompts
+from bench_engine import build_model, start_decoding
 
 from quant.convert import load_any_checkpoint
 from server.engine import EngineConfig, LLMEngine
@@ -36,12 +36,7 @@ def measure(model, tokenizer, rows: int, groups: int, group: int, beyond: bool) 
     if beyond:
         native.max_rows = rows  # what the step would do at this count
     params = SamplingParams(max_tokens=groups * group + 16, ignore_eos=True, temperature=0)
-    for i, p in enumerate(prompts(rows, 64, model.config.vocab_size, 0)):
-        engine.add_request(f"r{i}", p, params)
-    while any(r.prefilling for r in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()
-    for _ in range(4):
-        engine.step()
+    start_decoding(engine, rows, params, warmup=4)
     times: dict[bool, list[float]] = {True: [], False: []}
     for k in range(groups):
         on = k % 2 == 0

@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from bench_engine import build_model, byte_tokenizer, prompts
+from bench_engine import build_model, byte_tokenizer, start_decoding
 
 import server.engine as engine_module
 from quant.convert import load_any_checkpoint
@@ -69,12 +69,7 @@ def profile(model, batch: int, mode: str, steps: int, fp32_logits: bool = False)
                                                              fp32_logits=fp32_logits,
                                                              dtype=dtype))
     params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, seed=0, **MODES[mode])
-    for i, p in enumerate(prompts(batch, 64, model.config.vocab_size, 0)):
-        engine.add_request(f"r{i}", p, params)
-    while any(r.prefilling for r in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()
-    for _ in range(3):
-        engine.step()
+    start_decoding(engine, batch, params)
     # the sampler the engine calls (`sample_batch` before engine v2: for before/after runs)
     name = "sample" if hasattr(engine_module, "sample") else "sample_batch"
     forward, sampler = Timer(engine._forward), Timer(getattr(engine_module, name))
