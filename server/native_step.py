@@ -105,7 +105,7 @@ class NativeDecodeStep:
         if not self.fused:
             self.max_rows = PHASED_MAX_ROWS
             self._describe(pool, projections=False)
-            self.ff = c.d_ff if c.cola_rank == 0 else model.blocks[0].ffn.gate.b.out_features
+            self.ff = c.d_ff  # the SwiGLU's inner width, CoLA or not
             self.width = max(c.d_model, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, self.ff)
             self._rows = torch.empty(len(ROWS), 0, dtype=torch.bfloat16)  # grown on demand
 
