@@ -1,6 +1,8 @@
-"""The native CPU kernels (quant/native_cpu.c): build, load, pack, call. A quantized
-linear for 4- and 8-bit weights (`NativeKernel`), and decode attention over the engine's
-paged KV cache (`PagedDecode`, which server/kv_cache.py calls).
+"""The native CPU kernels (quant/native_cpu.c, quant/native_step.c, their shared
+quant/native_kernels.h): build, load, pack, call. A quantized linear for 4- and 8-bit
+weights (`NativeKernel`), decode attention over the engine's paged KV cache (`PagedDecode`,
+which server/kv_cache.py calls), and the whole decode step that server/native_step.py
+describes and calls (`fanformer_decode_step`, `fanformer_block_phase`).
 
 Why our own kernel: at 1-16 rows a 4-bit linear is memory- and overhead-bound, and aten's
 `_weight_int4pack_mm_for_cpu` (bf16 math, one weight decode per row) or the w8a8 path (a

@@ -237,7 +237,7 @@ class LLMEngine:
                 torch.set_num_threads(threads)
         model = self.model
         input_ids = to_device(ids, self.device)[None]  # (1, N)
-        if native and attention.native is not None:
+        if native:  # (it raises if the step's attention was not planned for it)
             hidden = self.native_step(input_ids[0], attention)[None]  # (1, N, d)
         else:
             hidden = model.hidden_states(input_ids, attention.positions, attention)  # (1, N, d)

@@ -96,10 +96,10 @@ class NativeDecodeStep:
         if c.n_heads // c.n_kv_heads > native_cpu.PagedDecode.MAX_GROUP:
             raise Unsupported("more query heads per KV head than the attention kernel takes")
         self.fused, self.why_phased = fused, "asked for"
-        self.max_rows = FUSED_MAX_ROWS
         if fused:
             try:
                 self._describe(pool, projections=True)
+                self.max_rows = self._native_rows()
             except Unsupported as e:
                 self.fused, self.why_phased = False, str(e)
         if not self.fused:
@@ -202,12 +202,19 @@ class NativeDecodeStep:
         layer.prenorm_ffn = int(block.prenorm_ffn)
         return layer
 
+    def _native_rows(self) -> int:
+        """The most rows (up to FUSED_MAX_ROWS) at which every quantized layer's own policy
+        runs its native kernel: the fused step computes what the eager layers would only
+        there. Asked once here, not per step (the policy does not change while serving)."""
+        for rows in range(FUSED_MAX_ROWS, 0, -1):
+            if all(m.kernel_name(rows) == "weight-only" for m in self._quantized):
+                return rows  # the policy is monotone in the row count
+        raise Unsupported("a layer runs w8a8 even at one row")
+
     # ---- per step ----
     def supports(self, rows: int) -> bool:
-        """Whether a step of `rows` one-token rows takes this path: at most `max_rows`, and
-        (fused) every layer would run its native kernel at that row count (their policy)."""
-        return 0 < rows <= self.max_rows and all(m.kernel_name(rows) == "weight-only"
-                                            for m in self._quantized)
+        """Whether a step of `rows` one-token rows takes this path: 1 to `max_rows`."""
+        return 0 < rows <= self.max_rows
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention: StepAttention) -> torch.Tensor:
@@ -222,12 +229,12 @@ class NativeDecodeStep:
                              "one-token rows, with native paged attention planned")
         x = self.model.embed(input_ids).contiguous()  # (R, d) bf16, updated in place
         positions = attention.positions[0]  # (R,)
-        cos = self.model.rope.cos[positions].to(torch.bfloat16).contiguous()  # (R, hd/2)
-        sin = self.model.rope.sin[positions].to(torch.bfloat16).contiguous()
+        rope = self.model.rope.at(positions[None], torch.bfloat16)  # (1, R, 1, hd/2) each
+        cos, sin = rope.cos.reshape(rows, -1).contiguous(), rope.sin.reshape(rows, -1).contiguous()
         pool = attention.pool
         step = _Step(rows, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.n_layers,
                      pool.num_blocks, pool.block_size, paged.tables.shape[1],
-                     getattr(self, "max_width", 0), c.norm_eps, c.head_dim ** -0.5,
+                     self.max_width, c.norm_eps, c.head_dim ** -0.5,
                      cos.data_ptr(), sin.data_ptr(), attention.write_index.data_ptr(),
                      paged.tables.data_ptr(), paged.lengths.data_ptr())
         if self.fused:

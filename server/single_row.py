@@ -24,8 +24,11 @@ from torch import nn
 class SingleRowLinear(nn.Linear):
     """An `nn.Linear` (same parameters, same state dict) whose one-row inputs use `torch.mv`."""
 
+    def _one_row(self, x: torch.Tensor) -> bool:
+        return x.numel() == self.in_features and x.dtype == self.weight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features and x.dtype == self.weight.dtype:  # one row
+        if self._one_row(x):
             return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -33,7 +36,7 @@ class SingleRowLinear(nn.Linear):
         """out <- self(x), the same bits; a one-row x is written in place, without the
         temporary and the copy (server/native_step.py's phased step). Inference only:
         `out=` takes no autograd."""
-        if x.numel() == self.in_features and x.dtype == self.weight.dtype:  # one row
+        if self._one_row(x):
             torch.mv(self.weight, x.reshape(-1), out=out.view(-1))
         else:
             out.copy_(self(x))
