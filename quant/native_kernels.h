@@ -233,8 +233,8 @@ static inline void row_to_float(const void *src, int bf16, int64_t i, int64_t n,
 /* ---- a team: the threads of one OpenMP region, synchronised by spinning ----
  * libgomp's barriers under OMP_WAIT_POLICY=PASSIVE (what fanformer-serve sets) put a waiting
  * thread to sleep at once and wake it with a futex, microseconds each; a fused decode step
- * has about 150 of them (docs/ENGINE.md "The native decode step": the step took 2.1 ms under
- * PASSIVE, 1.2 ms under ACTIVE). Within one call every thread of the team is busy anyway, so
+ * has about 16 of them a block (docs/ENGINE.md "The native decode step" measures what they
+ * cost). Within one call every thread of the team is busy anyway, so
  * a waiting thread spins, and yields its core after SPIN_LIMIT pauses in case the one it
  * waits for lost its own. Loops split as `schedule(static)` would: contiguous shares. */
 #include <omp.h>
