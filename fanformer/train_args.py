@@ -143,10 +143,14 @@ def check_args(args: TrainArgs, overrides: dict[str, Any]) -> tuple[TrainArgs, M
          f"--device must be cpu, cuda or auto, got {args.device!r}")
     if problems:
         raise ValueError("; ".join(problems))
-    if args.init_from and args.export_dir and \
-            Path(args.export_dir).resolve() == Path(args.init_from).resolve():
-        raise ValueError(f"--export_dir {args.export_dir} is the --init_from checkpoint; the "
-                         "export would replace the model this run starts from")
+    if args.init_from and args.export_dir:
+        source, export = Path(args.init_from).resolve(), Path(args.export_dir).resolve()
+        if source == export or export in source.parents or source in export.parents:
+            where = ("is" if source == export else "holds" if export in source.parents
+                     else "lies inside")
+            raise ValueError(f"--export_dir {args.export_dir} {where} the --init_from "
+                             "checkpoint; the export would replace the model this run "
+                             "starts from: choose a separate folder")
     config = start_config(args, overrides)  # bad shapes and bad --init_from fail here
     seq_len = args.seq_len or config.max_seq_len
     if seq_len > config.max_seq_len:

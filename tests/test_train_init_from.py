@@ -80,6 +80,9 @@ def test_an_init_from_run_resumes_exactly(tmp_path, source):
     (["--init_from", "{tmp}/quantized"], "is a quantized checkpoint"),
     (["--init_from", "{tmp}/quantized", "--export_dir", "{tmp}/quantized/"],
      "the export would replace the model this run starts from"),
+    (["--init_from", "{tmp}/quantized", "--export_dir", "{tmp}"], "holds the --init_from"),
+    (["--init_from", "{tmp}/quantized", "--export_dir", "{tmp}/quantized/export"],
+     "lies inside the --init_from"),
 ])
 def test_init_from_conflicts_are_one_line_before_any_work(tmp_path, source, tokenizer_file,
                                                           capsys, extra, message):
