@@ -9,11 +9,13 @@
 # Layers: a virtualenv, torch, then the other dependencies (both read from pyproject.toml, so
 # the pins live in one place), then the source with --no-deps: editing the source rebuilds
 # only the last. torch comes from TORCH_INDEX_URL (PyTorch's CPU index by default) so that pip
-# does not pull the multi-GB CUDA build from PyPI.
-# BASE_IMAGE needs only python3 (3.10+) with its venv module, and useradd: python:3.11-slim,
+# does not pull the multi-GB CUDA build from PyPI. The native CPU kernels (quant/native_cpu.py)
+# are compiled in a stage of their own, for every ISA, and only the builds are copied: the
+# image carries no compiler (gcc and its libraries: ~330 MB).
+# BASE_IMAGE needs python3 (3.10+) with its venv module, useradd and apt-get: python:3.11-slim,
 # or Debian bookworm with python3-venv (what scripts/docker_check.sh builds with debootstrap).
 ARG BASE_IMAGE=python:3.11-slim
-FROM ${BASE_IMAGE}
+FROM ${BASE_IMAGE} AS deps
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # A pip config for the dependency layers only (not kept in the image), for a machine that
@@ -37,11 +39,21 @@ open('/tmp/deps.txt', 'w').write('\n'.join(d for d in deps if not d.startswith('
     && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
     && pip install -r /tmp/deps.txt
 
+FROM deps AS kernels
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev
+COPY fanformer ./fanformer
+COPY quant ./quant
+RUN python -m quant.native_cpu --prebuild /opt/fanformer-kernels
+
+FROM deps
+ARG PIP_CONFIG_FILE=
 COPY README.md ./
 COPY fanformer ./fanformer
 COPY quant ./quant
 COPY server ./server
 RUN pip install --no-deps . && useradd --create-home fanformer
+COPY --from=kernels /opt/fanformer-kernels /opt/fanformer-kernels
+ENV FANFORMER_PREBUILT_KERNELS=/opt/fanformer-kernels
 
 USER fanformer
 EXPOSE 8000

@@ -15,8 +15,10 @@ row count.
 The C source ships with the package and is compiled on first use with the system's C
 compiler into a per-user cache (`$FANFORMER_KERNEL_CACHE`, else
 `~/.cache/fanformer/kernels`), keyed by the source, the compiler and the flags; the file is
-written atomically, so concurrent servers share it. It needs x86-64 Linux with AVX2 and FMA
-(the AVX-512 VNNI build where the CPU has it); elsewhere, without a compiler, or with
+written atomically, so concurrent servers share it. Builds made beforehand of this very
+source (`python -m quant.native_cpu --prebuild DIR`, every ISA: the Docker image's builder
+stage) are loaded from `$FANFORMER_PREBUILT_KERNELS` instead. It needs x86-64 Linux with
+AVX2 and FMA (the AVX-512 VNNI build where the CPU has it); elsewhere, without either, or with
 `FANFORMER_NATIVE_KERNELS=0`, `library()` returns None and the layers keep aten's kernels.
 """
 
@@ -59,6 +61,7 @@ SINGLE_THREAD_MAX_WORK = 1 << 23
 DISABLE_ENV = "FANFORMER_NATIVE_KERNELS"
 ISA_ENV = "FANFORMER_NATIVE_ISA"  # force a build ("avx2" on an AVX-512 CPU: for tests)
 CACHE_ENV = "FANFORMER_KERNEL_CACHE"
+PREBUILT_ENV = "FANFORMER_PREBUILT_KERNELS"  # a folder of `prebuild`'s output
 
 
 def cpu_flags() -> set[str]:
@@ -76,14 +79,23 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "fanformer" / "kernels"
 
 
-def _compile(compiler: str, isa: str) -> Path:
-    """The shared library for this source, compiler and ISA; built once per key."""
-    flags = [*COMMON_FLAGS, *ISAS[isa][0]]
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                             check=True).stdout
+def _file_name(isa: str, compiler_version: str) -> str:
+    """The build's file name: keyed by the sources, the flags and the compiler's version
+    ("" for a prebuilt one, which is looked up without a compiler at hand)."""
     texts = [p.read_text() for p in (*SOURCES, HEADER)]
-    key = hashlib.sha256("\0".join([*texts, version, *flags]).encode())
-    target = cache_dir() / f"native_cpu-{isa}-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\0".join([*texts, compiler_version, *COMMON_FLAGS, *ISAS[isa][0]])
+                         .encode())
+    return f"native_cpu-{isa}-{key.hexdigest()[:16]}.so"
+
+
+def _compile(compiler: str, isa: str, target: Path | None = None) -> Path:
+    """The shared library for this source, compiler and ISA (at `target`, else in the
+    cache); built once per key, written atomically."""
+    flags = [*COMMON_FLAGS, *ISAS[isa][0]]
+    if target is None:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 check=True).stdout
+        target = cache_dir() / _file_name(isa, version)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +114,25 @@ def _compile(compiler: str, isa: str) -> Path:
     return target
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def prebuild(folder: Path) -> list[Path]:
+    """Every ISA's build of this source into `folder`, for a machine without a compiler
+    ($FANFORMER_PREBUILT_KERNELS there); the CPU here need not run them."""
+    compiler = _compiler()
+    if compiler is None:
+        raise OSError("no C compiler (gcc) found")
+    return [_compile(compiler, isa, Path(folder) / _file_name(isa, "")) for isa in ISAS]
+
+
+def _prebuilt(isa: str) -> Path | None:
+    folder = os.environ.get(PREBUILT_ENV)
+    path = Path(folder) / _file_name(isa, "") if folder else None
+    return path if path is not None and path.is_file() else None
+
+
 def best_isa() -> str | None:
     """The build this CPU runs best ($FANFORMER_NATIVE_ISA overrides), or None."""
     flags = cpu_flags()
@@ -116,10 +147,12 @@ def best_isa() -> str | None:
 def load(isa: str) -> ctypes.CDLL:
     """Build (once per cache) and load the `isa` build; raises OSError or
     CalledProcessError when that fails."""
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise OSError("no C compiler (gcc) found")
-    lib = ctypes.CDLL(str(_compile(compiler, isa)))
+    compiler, prebuilt = _compiler(), _prebuilt(isa)
+    if compiler is None and prebuilt is None:
+        raise OSError("no C compiler (gcc) found" + (
+            f", and no build of this source in {PREBUILT_ENV}={os.environ[PREBUILT_ENV]}"
+            if os.environ.get(PREBUILT_ENV) else ""))
+    lib = ctypes.CDLL(str(prebuilt or _compile(compiler, isa)))
     lib.isa = isa
     fn = lib.fanformer_wq_linear
     fn.restype = ctypes.c_int
@@ -296,3 +329,12 @@ class PagedDecode:
         if rc:
             raise MemoryError("fanformer_paged_decode could not allocate its workspace")
         return out
+
+
+if __name__ == "__main__":  # python -m quant.native_cpu --prebuild DIR
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the native CPU kernels for every ISA.")
+    parser.add_argument("--prebuild", type=Path, required=True, metavar="DIR")
+    for built in prebuild(parser.parse_args().prebuild):
+        print(built)

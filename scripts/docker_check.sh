@@ -70,7 +70,7 @@ build() {  # --format docker keeps HEALTHCHECK and STOPSIGNAL (OCI has no HEALTH
         -t "$1" "$ROOT"
 }
 say "build"
-start=$(date +%s); build "$IMAGE" 2>&1 | tee "$OUT/build1.log" | grep -E '^(STEP|torch )'
+start=$(date +%s); build "$IMAGE" 2>&1 | tee "$OUT/build1.log" | grep -E '^(\[[0-9/]+] )?STEP|^torch '
 echo "build: $(( $(date +%s) - start )) s"
 
 say "rebuild after a source-only change (a comment added to a copy of server/__init__.py)"
@@ -79,7 +79,7 @@ cp -r "$ROOT"/{pyproject.toml,README.md,.dockerignore,Dockerfile,fanformer,quant
 echo "# source-only change" >> "$CTX/server/__init__.py"
 start=$(date +%s); ROOT=$CTX build "$IMAGE-srcchange" > "$OUT/build2.log" 2>&1
 echo "rebuild: $(( $(date +%s) - start )) s"
-grep -E '^STEP|Using cache' "$OUT/build2.log" | sed -n '1,20p'
+grep -E '^(\[[0-9/]+] )?STEP|Using cache' "$OUT/build2.log" | sed -n '1,20p'
 podman rmi "$IMAGE-srcchange" > /dev/null
 
 say "image size"
@@ -116,6 +116,7 @@ say "demo model: /health, HEALTHCHECK, a completion, a streamed chat"
 run_ctr ff-demo "$IMAGE" fanformer-serve --host 127.0.0.1 --port "$PORT" --max_num_seqs 4
 start=$(date +%s); wait_health ff-demo; echo "healthy after $(( $(date +%s) - start )) s"
 curl -s "$URL/health"; echo
+podman logs ff-demo 2>&1 | grep -E "native (CPU kernel|decode step)" || true  # on, without gcc
 # The image's HEALTHCHECK polls port 8000; run the same command against $PORT.
 podman exec ff-demo python -c "import urllib.request; urllib.request.urlopen('$URL/health', timeout=4)" \
     && echo "HEALTHCHECK command: ok"

@@ -215,3 +215,20 @@ def test_off_with_the_reason_logged(env, why, tmp_path):
     out = _library_in_subprocess({**env, "FANFORMER_KERNEL_CACHE": str(tmp_path)})
     assert "LOADED False" in out and "native CPU kernel off" in out and why in out
     assert not list(tmp_path.iterdir())  # nothing built, nothing left behind
+
+
+@needs_kernel
+def test_prebuilt_builds_load_without_a_compiler_and_only_for_this_source(tmp_path):
+    """The Docker image's way: every ISA built beforehand (the CPU here need not run them
+    all), then loaded where there is no compiler; a build of other sources is not."""
+    prebuilt, cache = tmp_path / "prebuilt", tmp_path / "cache"
+    subprocess.run([sys.executable, "-m", "quant.native_cpu", "--prebuild", str(prebuilt)],
+                   check=True, capture_output=True, timeout=300)
+    assert sorted(p.name.split("-")[1] for p in prebuilt.iterdir()) == sorted(native_cpu.ISAS)
+    no_compiler = {"CC": "", "PATH": "/nonexistent", "FANFORMER_KERNEL_CACHE": str(cache)}
+    out = _library_in_subprocess({**no_compiler, "FANFORMER_PREBUILT_KERNELS": str(prebuilt)})
+    assert "LOADED True" in out and not cache.exists()  # nothing compiled
+    for built in prebuilt.iterdir():  # as if built from another version of the source
+        built.rename(built.with_name(built.name.replace("-", "-0", 2)))
+    out = _library_in_subprocess({**no_compiler, "FANFORMER_PREBUILT_KERNELS": str(prebuilt)})
+    assert "LOADED False" in out and "no build of this source" in out
