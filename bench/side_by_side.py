@@ -9,10 +9,11 @@ Protocol (the issue's): both servers at their defaults (ours `--max_num_seqs 64`
 with the anchor's documented flags), 64-token prompts sent as token ids, 64 new tokens, EOS
 ignored, streaming, greedy and sampled (temperature 0.8, top_p 0.95), 1 / 16 / 64 streams;
 bf16 against f16 and our rtn 4-bit g128 (int8 LM head) against q4_0, all on the 63.6M
-Llama shape (`transformer-64m`, random weights); plus, per round, the linear-only ceiling:
-the time of just one decode step's nn.Linear matmuls at batch 1 in bf16 (through the engine's
-one-row kernel, server/single_row.py), in this process, on
-the same checkpoint and on the thread count the engine uses for a 1-token step.
+Llama shape (`transformer-64m`, random weights); plus the linear-only ceiling, right before
+and right after each of our bf16 1-stream points: the time of just one decode step's
+nn.Linear matmuls at batch 1 in bf16 (through the engine's one-row kernel,
+server/single_row.py), in this process, on the same checkpoint and on the thread count the
+engine uses for a 1-token step; the stream is judged against the mean of the two.
 
 Each round and pair starts both servers fresh, warms both at the largest stream count, then
 measures every point on one and then the other (which goes first alternates by round); the
@@ -49,7 +50,7 @@ import httpx
 import psutil
 import torch
 from bench_http import free_port, is_whole_text  # bench/ is on sys.path when run as a script
-from side_by_side_report import report_markdown, summarize
+from side_by_side_report import OURS, report_markdown, summarize
 
 from fanformer.checkpoint import is_quantized, load_checkpoint, save_checkpoint
 from fanformer.config import ModelConfig
@@ -288,49 +289,61 @@ def run_load(url: str, streams: int, requests: int, mode: str, max_tokens: int, 
 
 
 # ---- the linear-only ceiling ----
-def linear_ceiling(checkpoint: Path, steps: int = 32, repeats: int = 5) -> dict:
+class LinearCeiling:
     """Tokens/s if a batch-1 decode step were nothing but its nn.Linear matmuls (bf16,
     weights streamed from memory as in a real step, through the engine's one-row kernel,
-    server/single_row.py), on the engine's thread count there."""
-    from server import engine
-    from server.single_row import use_mv_for_single_rows
+    server/single_row.py), on the engine's thread count there. Measured right before and
+    right after each of our bf16 1-stream points, not once a round: this machine's memory
+    speed drifts within minutes (the same loop took 9.5 and 20.0 ms/step in two rounds of
+    one run), and a ceiling from another minute than the stream it judges measures the
+    drift, not the stream."""
 
-    single = getattr(engine, "SINGLE_THREAD_MAX_TOKENS", None)
-    if single is None:  # the engine moved it: say so rather than guess
-        raise SystemExit("side_by_side: server.engine.SINGLE_THREAD_MAX_TOKENS is gone; "
-                         "update linear_ceiling to the engine's batch-1 thread count")
-    default_threads = torch.get_num_threads()
-    threads = 1 if 1 <= single else default_threads
-    model, _ = load_checkpoint(checkpoint, dtype=torch.bfloat16)
-    use_mv_for_single_rows(model)  # the one-row kernel the engine runs them with
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = [torch.randn(1, m.in_features, dtype=torch.bfloat16) for m in linears]  # (1, d_in)
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            def step():
-                for m, x in zip(linears, inputs):
-                    m(x)  # (1, d_out)
-            for _ in range(4):
-                step()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                for _ in range(steps):
-                    step()
-                times.append((time.perf_counter() - start) / steps)
-    finally:
-        torch.set_num_threads(default_threads)
-    step_s = sorted(times)[len(times) // 2]
-    return {"threads": threads, "linears": len(linears), "step_ms": round(step_s * 1e3, 3),
-            "tok_s": round(1 / step_s, 1),
-            "weight_mb": round(sum(m.weight.numel() for m in linears) * 2 / 1e6, 1)}
+    def __init__(self, checkpoint: Path):
+        from server import engine
+        from server.single_row import use_mv_for_single_rows
+
+        single = getattr(engine, "SINGLE_THREAD_MAX_TOKENS", None)
+        if single is None:  # the engine moved it: say so rather than guess
+            raise SystemExit("side_by_side: server.engine.SINGLE_THREAD_MAX_TOKENS is gone; "
+                             "update LinearCeiling to the engine's batch-1 thread count")
+        self.threads = 1 if 1 <= single else torch.get_num_threads()
+        model, _ = load_checkpoint(checkpoint, dtype=torch.bfloat16)
+        use_mv_for_single_rows(model)  # the one-row kernel the engine runs them with
+        self.linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        self.inputs = [torch.randn(1, m.in_features, dtype=torch.bfloat16)  # (1, d_in)
+                       for m in self.linears]
+
+    def _step(self) -> None:
+        for m, x in zip(self.linears, self.inputs):
+            m(x)  # (1, d_out)
+
+    def measure(self, steps: int = 32, repeats: int = 5) -> dict:
+        default_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                for _ in range(4):
+                    self._step()
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        self._step()
+                    times.append((time.perf_counter() - start) / steps)
+        finally:
+            torch.set_num_threads(default_threads)
+        step_s = sorted(times)[len(times) // 2]
+        return {"threads": self.threads, "linears": len(self.linears),
+                "step_ms": round(step_s * 1e3, 3), "tok_s": round(1 / step_s, 1),
+                "weight_mb": round(sum(m.weight.numel() for m in self.linears) * 2 / 1e6, 1)}
 
 
 # ---- the run ----
 def measure_group(servers: list[Server], variant: str, model: str, rnd: int, args,
-                  tmp: Path, points: list[dict]) -> None:
-    """Every (mode, streams) point on each server in turn, after a warm-up of each."""
+                  tmp: Path, points: list[dict], ceiling: LinearCeiling | None = None,
+                  ceilings: list[dict] | None = None) -> None:
+    """Every (mode, streams) point on each server in turn, after a warm-up of each; with
+    `ceiling`, it is measured into `ceilings` right before and after our 1-stream points."""
     top = max(args.streams)
     for s in servers:  # unrecorded: the largest batch's kernels and buffers, both modes
         for mode in args.modes:
@@ -340,9 +353,14 @@ def measure_group(servers: list[Server], variant: str, model: str, rnd: int, arg
             for s in servers:
                 others = [(o, o.cpu_seconds()) for o in servers if o is not s]
                 load = os.getloadavg()
+                judged = ceiling is not None and streams == 1 and s.name == OURS
+                if judged:
+                    _measure_ceiling(ceiling, ceilings, "before", rnd, model, mode)
                 cpu0 = s.cpu_seconds()
                 r = run_load(s.url, streams, requests_for(streams, args), mode,
                              args.max_tokens, args, rnd * 1000 + streams, tmp)
+                if judged:
+                    _measure_ceiling(ceiling, ceilings, "after", rnd, model, mode)
                 r.update(round=rnd, model=model, variant=variant, mode=mode, streams=streams,
                          server=s.name, loadavg_before=[round(x, 2) for x in load],
                          server_cpu_s=round(s.cpu_seconds() - cpu0, 2),
@@ -355,6 +373,16 @@ def measure_group(servers: list[Server], variant: str, model: str, rnd: int, arg
                 print(f"  round {rnd} {model} {variant} {mode} {streams:>3} streams "
                       f"{s.name:<16} {r['output_tok_s']:8.1f} tok/s  TTFT p50 {ttft:.0f} ms  "
                       f"load {load[0]:.2f}{flag}", flush=True)
+
+
+def _measure_ceiling(ceiling: LinearCeiling, ceilings: list[dict], at: str, rnd: int,
+                     model: str, mode: str) -> None:
+    load = os.getloadavg()[0]
+    c = ceiling.measure()
+    ceilings.append({"round": rnd, "model": model, "mode": mode, "at": at,
+                     "loadavg_before": load, **c})
+    print(f"  round {rnd} {model}: linear-only ceiling {at} the {mode} 1-stream point "
+          f"{c['tok_s']} tok/s ({c['threads']} thread(s), {c['step_ms']} ms/step)", flush=True)
 
 
 def ours_argv(checkpoint: Path) -> list[str]:
@@ -372,15 +400,10 @@ def run(args) -> dict:
     logdir = args.cache / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
     points, ceilings = [], []
+    loops: dict[str, LinearCeiling] = {}  # model -> its ceiling loop, loaded once
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(args.rounds):
             for model in args.models:
-                if "bf16" in args.variants:  # no server runs while this is measured
-                    load = os.getloadavg()[0]
-                    c = linear_ceiling(checkpoints[model]["bf16"])
-                    ceilings.append({"round": rnd, "model": model, "loadavg_before": load, **c})
-                    print(f"round {rnd} {model}: linear-only ceiling {c['tok_s']} tok/s "
-                          f"({c['threads']} thread(s), {c['step_ms']} ms/step)", flush=True)
                 for variant in args.variants:
                     specs = [("fanformer-serve", ours_argv(checkpoints[model][variant]))]
                     if llama and model == ANCHOR_PRESET:
@@ -391,7 +414,11 @@ def run(args) -> dict:
                         specs.reverse()  # the other server goes first in odd rounds
                     with ExitStack() as stack:
                         servers = start_servers(specs, logdir, stack)
-                        measure_group(servers, variant, model, rnd, args, Path(tmp), points)
+                        judge = variant == "bf16" and 1 in args.streams
+                        if judge and model not in loops:
+                            loops[model] = LinearCeiling(checkpoints[model]["bf16"])
+                        measure_group(servers, variant, model, rnd, args, Path(tmp), points,
+                                      loops.get(model) if judge else None, ceilings)
     return {"points": points, "ceilings": ceilings,
             "llama_server": None if llama is None else {
                 "path": str(llama), "flags": LLAMA_FLAGS, "version": subprocess.run(

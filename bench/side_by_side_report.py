@@ -63,14 +63,15 @@ def summarize(result: dict) -> dict:
                                    row["sampled_vs_greedy"], SAMPLED_TARGET[2]))
     ceilings = {}
     for model in dict.fromkeys(c["model"] for c in result["ceilings"]):
-        mine = {c["round"]: c for c in result["ceilings"] if c["model"] == model}
-        entry = {"tok_s": median_or_none(c["tok_s"] for c in mine.values()),
-                 "threads": next(iter(mine.values()))["threads"]}
+        mine = [c for c in result["ceilings"] if c["model"] == model]
+        entry = {"tok_s": median_or_none(c["tok_s"] for c in mine),
+                 "threads": mine[0]["threads"]}
         for mode in ("greedy", "sampled"):
             ours = by.get((model, "bf16", mode, 1, OURS))
             if ours:
-                entry[mode] = median_or_none(
-                    ours[r]["output_tok_s"] / mine[r]["tok_s"] for r in ours if r in mine)
+                entry[mode] = median_or_none(ours[r]["output_tok_s"] / c
+                                             for r in ours
+                                             if (c := _ceiling_tok_s(mine, r, mode)))
                 if model == CEILING_TARGET[0]:
                     targets.append(_target(_ceiling_name(model, mode), entry[mode],
                                            CEILING_TARGET[1]))
@@ -84,6 +85,15 @@ def summarize(result: dict) -> dict:
                         if p["failed"] or p["short_outputs"]],
             "idle_server_cpu_s_max": max((p["idle_server_cpu_s"] for p in result["points"]),
                                          default=None)}
+
+
+def _ceiling_tok_s(ceilings: list[dict], rnd: int, mode: str) -> float | None:
+    """The ceiling a round's 1-stream point is judged by: the mean of those measured right
+    before and after it; in runs before 2026-12-01 (no "mode"), the round's one ceiling."""
+    adjacent = [c["tok_s"] for c in ceilings if c["round"] == rnd and c.get("mode") == mode]
+    if not adjacent:
+        adjacent = [c["tok_s"] for c in ceilings if c["round"] == rnd and "mode" not in c]
+    return statistics.mean(adjacent) if adjacent else None
 
 
 def _order(points: list[dict]):

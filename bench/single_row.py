@@ -3,10 +3,10 @@
     python bench/single_row.py --presets transformer-64m fanformer-92m tiny --rounds 3
 
 For each preset (random weights, bf16) and each kernel, two figures at batch 1: the
-model's linears alone on a one-row input (`step_profile.linear_only_ms`, what
-bench/side_by_side.py calls the ceiling) and a whole greedy engine decode step
-(`step_profile.profile`). The kernels alternate --rounds times in one process, so their
-ratio, not the milliseconds, is the result. Run it on an idle machine; the load average is
+model's linears alone on a one-row input (what bench/side_by_side.py calls the ceiling) and
+a whole greedy engine decode step, timed alternately by `step_profile.profile`. The
+kernels alternate --rounds times in one process, so their ratio, not the milliseconds, is
+the result. Run it on an idle machine; the load average is
 printed.
 """
 
@@ -17,7 +17,7 @@ import os
 
 import torch
 from bench_engine import build_model  # bench/ is on sys.path when run as a script
-from step_profile import linear_only_ms, profile
+from step_profile import profile
 from torch import nn
 
 import server.engine as engine_module
@@ -52,8 +52,8 @@ def main() -> None:
             linears, steps = {}, {}
             for mv in (False, True):
                 set_kernel(model, mv)
-                linears[mv] = linear_only_ms(model, 1, torch.bfloat16)
-                steps[mv] = profile(model, 1, "greedy", args.steps)["step_ms"]
+                r = profile(model, 1, "greedy", args.steps)
+                linears[mv], steps[mv] = r["linears_ms"], r["step_ms"]
             print(f"| {preset} | {r} | {linears[False]:.2f} | {linears[True]:.2f} "
                   f"| {linears[False] / linears[True]:.2f} | {steps[False]:.1f} "
                   f"| {steps[True]:.1f} | {steps[False] / steps[True]:.2f} |", flush=True)

@@ -5,8 +5,9 @@ For each batch size and sampling mode the engine decodes `batch` requests (64-to
 random weights, EOS ignored); after the prompts are in, `--steps` decode steps are timed
 one by one, with the forward and the sampler timed inside each step. The linear-only time
 is every leaf linear of the model run once on a (batch, d_in) input in the model's dtype, on
-the engine's thread count for that batch: a step can be no faster than that. Medians; run
-it on an idle machine (`uptime` is printed) and compare figures of one run only.
+the engine's thread count for that batch (a step can be no faster than that), timed in
+groups alternating with the steps'. Medians; run it on an idle machine (`uptime` is
+printed) and compare figures of one run only.
 
     .venv/bin/python bench/step_profile.py --preset transformer-64m --batch 1 64
 """
@@ -44,32 +45,46 @@ class Timer:
             self.times.append(time.perf_counter() - start)
 
 
-def linear_only_ms(model, batch: int, dtype: torch.dtype, repeats: int = 20) -> float:
-    leaves = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
-    inputs = [torch.randn(batch, m.in_features, dtype=dtype) for m in leaves]  # (B, d_in)
-    threads = torch.get_num_threads()
-    if batch <= engine_module.SINGLE_THREAD_MAX_TOKENS:
-        torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            times = []
-            for _ in range(repeats + 3):
-                start = time.perf_counter()
-                for m, x in zip(leaves, inputs):
-                    m(x)
-                times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.median(times[3:]) * 1e3
+class LinearsAlone:
+    """Every leaf linear of the model run once on a (batch, d_in) input in the model's
+    dtype, on the engine's thread count for that batch: a step can be no faster."""
+
+    def __init__(self, model, batch: int, dtype: torch.dtype):
+        self.leaves = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
+        self.inputs = [torch.randn(batch, m.in_features, dtype=dtype)  # (B, d_in)
+                       for m in self.leaves]
+        self.batch, self.times = batch, []
+
+    @torch.inference_mode()
+    def __call__(self) -> None:
+        threads = torch.get_num_threads()
+        if self.batch <= engine_module.SINGLE_THREAD_MAX_TOKENS:
+            torch.set_num_threads(1)
+        try:
+            start = time.perf_counter()
+            for m, x in zip(self.leaves, self.inputs):
+                m(x)
+            self.times.append(time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(threads)
 
 
-def profile(model, batch: int, mode: str, steps: int, fp32_logits: bool = False) -> dict:
+def profile(model, batch: int, mode: str, steps: int, fp32_logits: bool = False,
+            group: int = 4) -> dict:
+    """`steps` engine steps and as many passes of the linears alone, alternating in groups
+    of `group`, so both see the same minutes: this machine's memory speed drifts by tens
+    of percent within a minute, more than the step's overhead being measured."""
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # not the engine's auto
     engine = LLMEngine(model, byte_tokenizer(), EngineConfig(max_num_seqs=max(batch, 1),
                                                              fp32_logits=fp32_logits,
                                                              dtype=dtype))
     params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, seed=0, **MODES[mode])
     start_decoding(engine, batch, params)
+    # after the engine's start: its one-row modules (server/single_row.py) are the ones run
+    linears = LinearsAlone(model, batch, getattr(torch, dtype))
+    for _ in range(3):
+        linears()
+    linears.times.clear()
     # the sampler the engine calls (`sample_batch` before engine v2: for before/after runs)
     name = "sample" if hasattr(engine_module, "sample") else "sample_batch"
     forward, sampler = Timer(engine._forward), Timer(getattr(engine_module, name))
@@ -77,15 +92,18 @@ def profile(model, batch: int, mode: str, steps: int, fp32_logits: bool = False)
     setattr(engine_module, name, sampler)
     try:
         step_times = []
-        for _ in range(steps):
+        for i in range(steps):
             start = time.perf_counter()
             engine.step()
             step_times.append(time.perf_counter() - start)
+            if i % group == group - 1 or i == steps - 1:
+                for _ in range(min(group, steps - len(linears.times))):
+                    linears()
     finally:
         setattr(engine_module, name, sampler.fn)
     ms = lambda xs: statistics.median(xs) * 1e3
     step, fwd, smp = ms(step_times), ms(forward.times), ms(sampler.times)
-    return {"step_ms": step, "forward_ms": fwd, "sampler_ms": smp,
+    return {"step_ms": step, "forward_ms": fwd, "sampler_ms": smp, "linears_ms": ms(linears.times),
             "rest_ms": step - fwd - smp, "tok_s": batch / step * 1e3}
 
 
@@ -117,12 +135,11 @@ def main() -> None:
           "| tok/s | linears / step |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for batch in args.batch:
-        linears = linear_only_ms(model, batch, dtype)
         for mode in MODES:
             r = profile(model, batch, mode, args.steps, args.fp32_logits)
             print(f"| {batch} | {mode} | {r['step_ms']:.1f} | {r['forward_ms']:.1f} "
-                  f"| {linears:.1f} | {r['sampler_ms']:.1f} | {r['rest_ms']:.1f} "
-                  f"| {r['tok_s']:.0f} | {linears / r['step_ms']:.2f} |", flush=True)
+                  f"| {r['linears_ms']:.1f} | {r['sampler_ms']:.1f} | {r['rest_ms']:.1f} "
+                  f"| {r['tok_s']:.0f} | {r['linears_ms'] / r['step_ms']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,17 @@ def test_ceiling_and_sampled_over_greedy():
                         "transformer-64m bf16, sampled, 1 stream: ours / linear-only ceiling":
                             False,
                         "fanformer-92m bf16, 64 streams: sampled / greedy": True}
+
+
+def test_each_stream_is_judged_by_the_ceilings_measured_around_it():
+    # the greedy point is judged by (80 + 120) / 2 = 100, the sampled one by 50, not by the
+    # median of all four ceilings (90)
+    ceilings = [{"round": 0, "model": "transformer-64m", "mode": mode, "at": at,
+                 "tok_s": tok_s, "threads": 2}
+                for mode, at, tok_s in [("greedy", "before", 80.0), ("greedy", "after", 120.0),
+                                        ("sampled", "before", 40.0), ("sampled", "after", 60.0)]]
+    pts = [point(0, "fanformer-serve", 85, streams=1),
+           point(0, "fanformer-serve", 45, mode="sampled", streams=1)]
+    c = summarize(result(pts, ceilings))["ceilings"]["transformer-64m"]
+    assert c["greedy"] == 0.85 and c["sampled"] == 0.9
+    assert c["tok_s"] == 70.0  # the median of the four, for the report's line
