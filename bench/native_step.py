@@ -10,7 +10,7 @@ the phased step (server/native_step.py). Run it on an idle machine; compare figu
 run only.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/native_step.py --checkpoint CKPT \\
-        --rows 1 4 16 32
+        --rows 1 4 16 32 64
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class TimedStep:
     def __init__(self, step):
         self.step, self.times = step, []
 
-    def supports(self, rows: int) -> bool:
-        return self.step.supports(rows)
+    def takes(self, segments, block_size: int) -> bool:
+        return self.step.takes(segments, block_size)
 
     def __call__(self, *args):
         start = time.perf_counter()
@@ -51,7 +51,7 @@ def measure(model, tokenizer, rows: int, groups: int, group: int, beyond: bool) 
     native = engine.native_step
     if native is None:
         raise SystemExit("native_step: the engine built no native step here (see its log)")
-    takes_it = native.supports(rows)
+    takes_it = rows <= native.max_rows  # the prompts share no prefix
     if beyond:
         native.max_rows = rows  # what the step would do at this count
     params = SamplingParams(max_tokens=groups * group + 16, ignore_eos=True, temperature=0)
@@ -76,7 +76,7 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="a plain or quantized checkpoint")
     p.add_argument("--preset", default="transformer-64m",
                    help="random bf16 weights of this preset when no --checkpoint")
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     p.add_argument("--groups", type=int, default=16, help="alternating groups (even)")
     p.add_argument("--group", type=int, default=8, help="decode steps per group")
     p.add_argument("--beyond", action="store_true",

@@ -213,8 +213,8 @@ class LLMEngine:
         ids = [c.request.token_at(c.start + i) for c in plan.chunks for i in range(c.length)]
         segments = [Segment(c.request.blocks.block_ids, c.start, c.length)
                     for c in plan.chunks]
-        native = self.native_step is not None and all(c.length == 1 for c in plan.chunks) \
-            and self.native_step.supports(len(plan.chunks))
+        native = self.native_step is not None and \
+            self.native_step.takes(segments, self.pool.block_size)
         # cascade decode changes a row's bits with its neighbours: not when batch-invariant;
         # the native step reads each row's blocks through the plain (non-cascade) tables
         attention = StepAttention(self.pool, segments,

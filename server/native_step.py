@@ -19,9 +19,10 @@ against torch's vectorized ones). Each row is computed alone.
 `NativeDecodeStep.build(model, pool)` returns None, with the reason logged once, unless the
 model and its KV cache are bf16 on CPU and the native kernels run here. The engine calls it
 for steps whose every segment is one token (decode, or a one-token prefill chunk), at most
-FUSED_MAX_ROWS or PHASED_MAX_ROWS of them: larger batches are not overhead-bound, and keep
-cascade decode for rows that share a prefix. The embedding, the final norm and the LM head
-stay in torch.
+FUSED_MAX_ROWS or PHASED_MAX_ROWS of them, and above FUSED_SHARED_MAX_ROWS or
+PHASED_SHARED_MAX_ROWS only when no rows share a prefix: such a step keeps cascade decode,
+which reads the shared blocks once for all the rows. The embedding, the final norm and the
+LM head stay in torch.
 """
 
 from __future__ import annotations
@@ -37,14 +38,16 @@ from fanformer.layers import CoLALinear
 from fanformer.model import FANformer
 from quant import native_cpu
 from quant.layers import QuantLinear
-from server.kv_cache import KVCachePool, StepAttention
+from server.kv_cache import KVCachePool, Segment, StepAttention, shared_prefix
 from server.single_row import SingleRowLinear
 
 log = logging.getLogger(__name__)
 
-# the most one-token rows a step may have to take each way: where it stopped paying
-# (docs/ENGINE.md "The native decode step"; above, steps keep cascade decode too)
-FUSED_MAX_ROWS, PHASED_MAX_ROWS = 32, 16
+# the most one-token rows a step may have to take each way (docs/ENGINE.md "The native decode
+# step"), and the most when rows share a prefix that cascade decode would read once for them
+# (above that, the eager step with cascade decode is the faster one)
+FUSED_MAX_ROWS, PHASED_MAX_ROWS = 64, 32
+FUSED_SHARED_MAX_ROWS, PHASED_SHARED_MAX_ROWS = 32, 16
 DISABLE_ENV = "FANFORMER_NATIVE_STEP"  # "0": decode steps run the eager model (comparisons)
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -100,10 +103,11 @@ class NativeDecodeStep:
             try:
                 self._describe(pool, projections=True)
                 self.max_rows = self._native_rows()
+                self.shared_max_rows = min(self.max_rows, FUSED_SHARED_MAX_ROWS)
             except Unsupported as e:
                 self.fused, self.why_phased = False, str(e)
         if not self.fused:
-            self.max_rows = PHASED_MAX_ROWS
+            self.max_rows, self.shared_max_rows = PHASED_MAX_ROWS, PHASED_SHARED_MAX_ROWS
             self._describe(pool, projections=False)
             self.ff = c.d_ff  # the SwiGLU's inner width, CoLA or not
             self.width = max(c.d_model, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, self.ff)
@@ -212,9 +216,14 @@ class NativeDecodeStep:
         return 0  # a layer runs w8a8 even at one row: no step takes this path
 
     # ---- per step ----
-    def supports(self, rows: int) -> bool:
-        """Whether a step of `rows` one-token rows takes this path: 1 to `max_rows`."""
-        return 0 < rows <= self.max_rows
+    def takes(self, segments: list[Segment], block_size: int) -> bool:
+        """Whether a step of these segments runs here: each one token, at most `max_rows` of
+        them, and more than `shared_max_rows` only if no rows share a prefix (the cascade
+        rule of server/kv_cache.py `shared_prefix`)."""
+        rows = len(segments)
+        if not 0 < rows <= self.max_rows or any(s.length != 1 for s in segments):
+            return False
+        return rows <= self.shared_max_rows or shared_prefix(segments, block_size) is None
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention: StepAttention) -> torch.Tensor:

@@ -14,7 +14,13 @@ from quant import load_any_checkpoint, native_cpu
 from quant.cli import main
 from server.engine import EngineConfig, LLMEngine
 from server.kv_cache import KVCachePool, Segment, StepAttention
-from server.native_step import FUSED_MAX_ROWS, PHASED_MAX_ROWS, NativeDecodeStep
+from server.native_step import (
+    FUSED_MAX_ROWS,
+    FUSED_SHARED_MAX_ROWS,
+    PHASED_MAX_ROWS,
+    PHASED_SHARED_MAX_ROWS,
+    NativeDecodeStep,
+)
 from server.sampling import SamplingParams
 from tests.conftest import make_model
 
@@ -82,7 +88,7 @@ def test_matches_the_eager_model_to_bf16_rounding(case, phased):
     model, _, fused = case
     pool, tables = prefilled(model, PROMPTS)
     step = NativeDecodeStep.build(model, pool)
-    assert step is not None and step.fused == fused and step.supports(len(PROMPTS))
+    assert step is not None and step.fused == fused and step.max_rows >= len(PROMPTS)
     if phased:  # the phased way for every model, the fused ones too
         step = NativeDecodeStep(model, pool, native_cpu.library(), fused=False)
     rows = list(range(len(PROMPTS)))
@@ -144,7 +150,17 @@ def test_it_is_off_where_it_cannot_run(case, monkeypatch):
     pool = KVCachePool(model.config, 4, 4, torch.bfloat16, "cpu")
     step = NativeDecodeStep.build(model, pool)
     most = FUSED_MAX_ROWS if fused else PHASED_MAX_ROWS
-    assert step.supports(1) and step.supports(most) and not step.supports(most + 1)
+    shared = FUSED_SHARED_MAX_ROWS if fused else PHASED_SHARED_MAX_ROWS
+    bs = pool.block_size
+
+    def rows(n, share=False, length=1):  # n segments past 5 whole blocks, shared or each own
+        return [Segment([0, 1, 2, 3, 4, 100 + i] if share else [10 * i + j for j in range(6)],
+                        5 * bs, length) for i in range(n)]
+    assert step.takes(rows(1), bs) and step.takes(rows(most), bs)
+    assert not step.takes(rows(most + 1), bs) and not step.takes(rows(2, length=2), bs)
+    # rows sharing a prefix: past `shared`, the eager step's cascade decode takes them
+    assert step.takes(rows(shared, share=True), bs)
+    assert not step.takes(rows(shared + 1, share=True), bs)
     assert NativeDecodeStep.build(model, KVCachePool(model.config, 4, 4, torch.float32,
                                                      "cpu")) is None
     assert NativeDecodeStep.build(make_model("test"), pool) is None  # an fp32 model
