@@ -25,8 +25,16 @@ from fanformer.config import ModelConfig
 from fanformer.generate import generate
 from fanformer.model import FANformer
 from fanformer.tokenizer import Tokenizer
+from server.cli import limit_malloc_arenas, reuse_freed_blocks
 from server.engine import EngineConfig, LLMEngine
 from server.sampling import SamplingParams
+
+# fanformer-serve's allocator settings (server/cli.py), so that the in-process figures of
+# this and the benches built on it (step_profile, native_step, single_row) are what the
+# server runs with: without them each multi-MiB temporary can be a fresh mmap (the sampler
+# of a 64-row sampled step then took about twice as long: docs/ENGINE.md "Memory allocator")
+limit_malloc_arenas()
+reuse_freed_blocks()
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
