@@ -20,6 +20,7 @@ from fanformer.config import PRESETS, ModelConfig
 from fanformer.data import DataError, resolve_files
 from fanformer.outputs import check_not_inside, check_output_dir
 
+DEFAULT_PRESET = "tiny"
 RUN_WRITER, EXPORT_WRITER = "fanformer-train", "fanformer-train --export_dir"
 
 
@@ -27,12 +28,20 @@ RUN_WRITER, EXPORT_WRITER = "fanformer-train", "fanformer-train --export_dir"
 class TrainArgs:
     """Everything about a run except the model's shape (that is `ModelConfig`)."""
 
+    @property
+    def model_preset(self) -> str:
+        """--preset, or the default one where none was given (None tells "not given" apart,
+        so that --init_from can refuse it rather than ignore it)."""
+        return self.preset or DEFAULT_PRESET
+
     data: tuple[str, ...] = field(default=(), metadata={
         "help": "training text: .txt files, folders of them, or .jsonl with a 'text' field"})
     out_dir: str = field(default="runs/fanformer", metadata={
         "help": "run folder (tokenizer, token cache, checkpoints/, metrics.jsonl, loss.png): "
                 "absent, empty, or an earlier fanformer-train run"})
-    preset: str = field(default="tiny", metadata={"help": f"model preset: {', '.join(PRESETS)}"})
+    preset: str | None = field(default=None, metadata={
+        "help": f"model preset: {', '.join(PRESETS)} (default {DEFAULT_PRESET}; not with "
+                "--init_from)"})
     tokenizer: str | None = field(default=None, metadata={
         "help": "tokenizer.json (or a folder holding one); default: train one (--vocab_size)"})
     eval_file: str | None = field(default=None, metadata={
@@ -188,9 +197,9 @@ def start_config(args: TrainArgs, overrides: dict[str, Any],
     `vocab_size`. Raises ValueError or CheckpointError with one sentence."""
     if not args.init_from:
         vocab = {"vocab_size": vocab_size} if vocab_size else {}
-        return ModelConfig.from_preset(args.preset, **{**overrides, **vocab})
+        return ModelConfig.from_preset(args.model_preset, **{**overrides, **vocab})
     given = [f"--{name}" for name in overrides if name not in TRAINING_ONLY_FIELDS] + (
-        ["--tokenizer"] if args.tokenizer else [])
+        ["--tokenizer"] if args.tokenizer else []) + (["--preset"] if args.preset else [])
     if given:
         raise ValueError(f"--init_from takes the model's shape and tokenizer from "
                          f"{args.init_from}; drop {', '.join(given)}")

@@ -229,7 +229,7 @@ class Trainer:
             return Tokenizer.load(self.args.tokenizer)
         path = self.out_dir / "tokenizer.json"
         if self.world.is_main and not path.is_file():
-            size = vocab_size or ModelConfig.from_preset(self.args.preset).vocab_size
+            size = vocab_size or ModelConfig.from_preset(self.args.model_preset).vocab_size
             _log(f"training a {size}-token BPE tokenizer on {len(files)} file(s)")
             tokenizer = Tokenizer.train(iter_lines(files), size, show_progress=True)
             if tokenizer.vocab_size < size:
@@ -384,7 +384,7 @@ class Trainer:
         """Train to --max_steps (or --stop_at_step, a signal, --max_minutes); return a summary."""
         args, world = self.args, self.world
         if world.is_main:
-            source = f"from {args.init_from}" if args.init_from else args.preset
+            source = f"from {args.init_from}" if args.init_from else args.model_preset
             _log(f"model {source}: {self.model.num_parameters():,} parameters; "
                  f"{self.batches.n_windows * args.seq_len:,} training tokens, "
                  f"{len(self.eval_tokens):,} eval tokens; global batch {self.global_batch} x "

@@ -76,6 +76,7 @@ def test_an_init_from_run_resumes_exactly(tmp_path, source):
 @pytest.mark.parametrize("extra, message", [
     (["--tokenizer", "{tokenizer}"], "drop --tokenizer"),
     (["--d_model", "32", "--fan_p", "0.2"], "drop --d_model, --fan_p"),
+    (["--preset", "tiny"], "drop --preset"),  # not ignored: the shape is the source's
     (["--init_from", "{tmp}/nowhere"], "does not exist"),
     (["--init_from", "{tmp}/quantized"], "is a quantized checkpoint"),
     (["--init_from", "{tmp}/quantized", "--export_dir", "{tmp}/quantized/"],
