@@ -125,24 +125,52 @@ def test_the_avx2_build_gives_the_same_bits(case):
                        decode(avx2, model, pool, tables, PROMPTS, rows, True))
 
 
-def _greedy(model, tokenizer, native: bool) -> dict[str, list[int]]:
-    engine = LLMEngine(model, tokenizer, EngineConfig(dtype="bfloat16", max_num_seqs=8))
+class _Counted:
+    """The engine's native step, recording each call's row count (the engine asks only
+    `takes` and calls it)."""
+
+    def __init__(self, step: NativeDecodeStep, rows: list[int]):
+        self.step, self.rows = step, rows
+
+    def takes(self, segments, block_size: int) -> bool:
+        return self.step.takes(segments, block_size)
+
+    def __call__(self, input_ids, attention):
+        self.rows.append(len(input_ids))
+        return self.step(input_ids, attention)
+
+
+def _greedy(model, tokenizer, native: bool, prompts=PROMPTS) -> tuple[dict, list[int]]:
+    """Greedy tokens per request, and the row count of every step the native step ran."""
+    engine = LLMEngine(model, tokenizer, EngineConfig(dtype="bfloat16", max_num_seqs=64))
     assert engine.native_step is not None
-    if not native:
-        engine.native_step = None
+    rows: list[int] = []
+    engine.native_step = _Counted(engine.native_step, rows) if native else None
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    for i, p in enumerate(PROMPTS):
+    for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, params)
-    out = {f"r{i}": [] for i in range(len(PROMPTS))}
+    out = {f"r{i}": [] for i in range(len(prompts))}
     while engine.has_unfinished():
         for o in engine.step():
             out[o.request_id] += o.token_ids
-    return out
+    return out, rows
 
 
 def test_the_engine_decodes_with_it_and_gives_the_eager_tokens(case):
     model, tokenizer, _ = case
-    assert _greedy(model, tokenizer, native=True) == _greedy(model, tokenizer, native=False)
+    assert _greedy(model, tokenizer, native=True)[0] == _greedy(model, tokenizer, False)[0]
+
+
+def test_steps_above_the_shared_bound_take_it_when_no_prefix_is_shared(case):
+    """Between the shared-prefix bound and the row bound, unshared rows decode natively
+    and give the eager tokens."""
+    model, tokenizer, fused = case
+    n = (FUSED_SHARED_MAX_ROWS + FUSED_MAX_ROWS) // 2 if fused else \
+        (PHASED_SHARED_MAX_ROWS + PHASED_MAX_ROWS) // 2
+    prompts = [[(7 * i + j) % 50 + 3 for j in range(5 + i % 7)] for i in range(n)]
+    native, rows = _greedy(model, tokenizer, True, prompts)
+    assert max(rows) == n  # the whole batch in one native step
+    assert native == _greedy(model, tokenizer, False, prompts)[0]
 
 
 def test_it_is_off_where_it_cannot_run(case, monkeypatch):
