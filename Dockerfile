@@ -11,7 +11,7 @@
 # only the last. torch comes from TORCH_INDEX_URL (PyTorch's CPU index by default) so that pip
 # does not pull the multi-GB CUDA build from PyPI. The native CPU kernels (quant/native_cpu.py)
 # are compiled in a stage of their own, for every ISA, and only the builds are copied: the
-# image carries no compiler (gcc and its libraries: ~330 MB).
+# image carries no compiler (gcc and its libraries are a few hundred MB).
 # BASE_IMAGE needs python3 (3.10+) with its venv module, useradd and apt-get: python:3.11-slim,
 # or Debian bookworm with python3-venv (what scripts/docker_check.sh builds with debootstrap).
 ARG BASE_IMAGE=python:3.11-slim

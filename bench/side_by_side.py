@@ -292,53 +292,37 @@ def run_load(url: str, streams: int, requests: int, mode: str, max_tokens: int, 
 class LinearCeiling:
     """Tokens/s if a batch-1 decode step were nothing but its nn.Linear matmuls (bf16,
     weights streamed from memory as in a real step, through the engine's one-row kernel,
-    server/single_row.py), on the engine's thread count there. Measured right before and
-    right after each of our bf16 1-stream points, not once a round: this machine's memory
-    speed drifts within minutes (the same loop took 9.5 and 20.0 ms/step in two rounds of
-    one run), and a ceiling from another minute than the stream it judges measures the
-    drift, not the stream."""
+    server/single_row.py), on the engine's thread count there: bench/step_profile.py's
+    `LinearsAlone` at one row. Measured right before and right after each of our bf16
+    1-stream points, not once a round: this machine's memory speed drifts within minutes
+    (the same loop took 9.5 and 20.0 ms/step in two rounds of one run), and a ceiling from
+    another minute than the stream it judges measures the drift, not the stream."""
 
     def __init__(self, checkpoint: Path):
-        from server import engine
+        from step_profile import LinearsAlone
+
         from server.single_row import use_mv_for_single_rows
 
-        single = getattr(engine, "SINGLE_THREAD_MAX_TOKENS", None)
-        if single is None:  # the engine moved it: say so rather than guess
-            raise SystemExit("side_by_side: server.engine.SINGLE_THREAD_MAX_TOKENS is gone; "
-                             "update LinearCeiling to the engine's batch-1 thread count")
-        self.threads = 1 if 1 <= single else torch.get_num_threads()
         model, _ = load_checkpoint(checkpoint, dtype=torch.bfloat16)
         use_mv_for_single_rows(model)  # the one-row kernel the engine runs them with
-        self.linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        self.inputs = [torch.randn(1, m.in_features, dtype=torch.bfloat16)  # (1, d_in)
-                       for m in self.linears]
-
-    def _step(self) -> None:
-        for m, x in zip(self.linears, self.inputs):
-            m(x)  # (1, d_out)
+        self.loop = LinearsAlone(model, 1, torch.bfloat16)
 
     def measure(self, steps: int = 32, repeats: int = 5) -> dict:
-        default_threads = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            with torch.inference_mode():
-                for _ in range(4):
-                    self._step()
-                times = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    for _ in range(steps):
-                        self._step()
-                    times.append((time.perf_counter() - start) / steps)
-        finally:
-            torch.set_num_threads(default_threads)
+        for _ in range(4):
+            self.loop()
+        times = []
+        for _ in range(repeats):
+            self.loop.times.clear()
+            for _ in range(steps):
+                self.loop()
+            times.append(sum(self.loop.times) / steps)
         step_s = sorted(times)[len(times) // 2]
-        return {"threads": self.threads, "linears": len(self.linears),
+        return {"threads": self.loop.threads, "linears": len(self.loop.leaves),
                 "step_ms": round(step_s * 1e3, 3), "tok_s": round(1 / step_s, 1),
-                "weight_mb": round(sum(m.weight.numel() for m in self.linears) * 2 / 1e6, 1)}
+                "weight_mb": round(sum(m.weight.numel() for m in self.loop.leaves) * 2 / 1e6,
+                                   1)}
 
 
-# ---- the run ----
 def measure_group(servers: list[Server], variant: str, model: str, rnd: int, args,
                   tmp: Path, points: list[dict], ceiling: LinearCeiling | None = None,
                   ceilings: list[dict] | None = None) -> None:

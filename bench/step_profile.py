@@ -55,18 +55,23 @@ class LinearsAlone:
                        for m in self.leaves]
         self.batch, self.times = batch, []
 
+    @property
+    def threads(self) -> int:
+        """The engine's thread count for a step of `batch` tokens (server/engine.py)."""
+        single = self.batch <= engine_module.SINGLE_THREAD_MAX_TOKENS
+        return 1 if single else torch.get_num_threads()
+
     @torch.inference_mode()
     def __call__(self) -> None:
-        threads = torch.get_num_threads()
-        if self.batch <= engine_module.SINGLE_THREAD_MAX_TOKENS:
-            torch.set_num_threads(1)
+        default = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
         try:
             start = time.perf_counter()
             for m, x in zip(self.leaves, self.inputs):
                 m(x)
             self.times.append(time.perf_counter() - start)
         finally:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(default)
 
 
 def profile(model, batch: int, mode: str, steps: int, fp32_logits: bool = False,
