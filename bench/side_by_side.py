@@ -291,21 +291,23 @@ def run_load(url: str, streams: int, requests: int, mode: str, max_tokens: int, 
 # ---- the linear-only ceiling ----
 class LinearCeiling:
     """Tokens/s if a batch-1 decode step were nothing but its nn.Linear matmuls (bf16,
-    weights streamed from memory as in a real step, through the engine's one-row kernel,
-    server/single_row.py), on the engine's thread count there: bench/step_profile.py's
-    `LinearsAlone` at one row. Measured right before and right after each of our bf16
-    1-stream points, not once a round: this machine's memory speed drifts within minutes
-    (the same loop took 9.5 and 20.0 ms/step in two rounds of one run), and a ceiling from
-    another minute than the stream it judges measures the drift, not the stream."""
+    weights streamed from memory as in a real step, through the kernel the engine runs them
+    on at one row: the native step's C bf16 linear where that step runs, else torch's
+    one-row kernel, server/single_row.py), on the engine's thread count there:
+    bench/step_profile.py's `LinearsAlone` at one row. Measured right before and right
+    after each of our bf16 1-stream points, not once a round: this machine's memory speed
+    drifts within minutes (the same loop took 9.5 and 20.0 ms/step in two rounds of one
+    run), and a ceiling from another minute than the stream it judges measures the drift,
+    not the stream."""
 
     def __init__(self, checkpoint: Path):
-        from step_profile import LinearsAlone
+        from step_profile import LinearsAlone, native_linears
 
         from server.single_row import use_mv_for_single_rows
 
         model, _ = load_checkpoint(checkpoint, dtype=torch.bfloat16)
         use_mv_for_single_rows(model)  # the one-row kernel the engine runs them with
-        self.loop = LinearsAlone(model, 1, torch.bfloat16)
+        self.loop = LinearsAlone(model, 1, torch.bfloat16, native_linears(model, 1))
 
     def measure(self, steps: int = 32, repeats: int = 5) -> dict:
         for _ in range(4):
@@ -318,6 +320,7 @@ class LinearCeiling:
             times.append(sum(self.loop.times) / steps)
         step_s = sorted(times)[len(times) // 2]
         return {"threads": self.loop.threads, "linears": len(self.loop.leaves),
+                "kernel": "native bf16" if self.loop.native else "torch",
                 "step_ms": round(step_s * 1e3, 3), "tok_s": round(1 / step_s, 1),
                 "weight_mb": round(sum(m.weight.numel() for m in self.loop.leaves) * 2 / 1e6,
                                    1)}

@@ -65,7 +65,8 @@ def summarize(result: dict) -> dict:
     for model in dict.fromkeys(c["model"] for c in result["ceilings"]):
         mine = [c for c in result["ceilings"] if c["model"] == model]
         entry = {"tok_s": median_or_none(c["tok_s"] for c in mine),
-                 "threads": mine[0]["threads"]}
+                 "threads": mine[0]["threads"],
+                 "kernel": mine[0].get("kernel", "torch")}  # runs before 2026-12-01: torch
         for mode in ("greedy", "sampled"):
             ours = by.get((model, "bf16", mode, 1, OURS))
             if ours:
@@ -177,9 +178,9 @@ def report_markdown(result: dict) -> str:
         vs = ", ".join(f"{mode} {_fmt(c[mode], 2)}"
                        f"{_verdict_suffix(met.get(_ceiling_name(model, mode)))}"
                        for mode in ("greedy", "sampled") if c.get(mode) is not None)
-        lines.append(f"- {model} linear-only ceiling (batch 1, bf16, {c['threads']} "
-                     f"thread(s)): {_fmt(c['tok_s'])} tok/s; ours bf16 at 1 stream / ceiling: "
-                     f"{vs or 'not measured'}.")
+        lines.append(f"- {model} linear-only ceiling (batch 1, bf16, {c['kernel']} kernel, "
+                     f"{c['threads']} thread(s)): {_fmt(c['tok_s'])} tok/s; ours bf16 at 1 "
+                     f"stream / ceiling: {vs or 'not measured'}.")
     own = [k for k in dict.fromkeys(k[:4] for k in med if k[4] == OURS) if k not in anchored]
     if own:
         lines += ["", "Our server alone (not compared with llama-server):", "",

@@ -23,9 +23,12 @@ import torch
 from bench_engine import build_model, byte_tokenizer, start_decoding
 
 import server.engine as engine_module
+from quant import native_cpu
 from quant.convert import load_any_checkpoint
 from quant.layers import QuantLinear
 from server.engine import EngineConfig, LLMEngine
+from server.kv_cache import KVCachePool
+from server.native_step import NativeDecodeStep
 from server.sampling import SamplingParams
 
 MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.8, top_p=0.95)}
@@ -45,15 +48,26 @@ class Timer:
             self.times.append(time.perf_counter() - start)
 
 
+def native_linears(model, batch: int) -> bool:
+    """Whether the engine's native decode step runs this model's bf16 linears on its own
+    C kernel at `batch` rows (server/native_step.py: fused with bf16 linears), asked of the
+    step itself, built on a pool of two blocks."""
+    pool = KVCachePool(model.config, 2, 16, torch.bfloat16, "cpu")
+    step = NativeDecodeStep.build(model, pool)
+    return step is not None and step.fused and step.dense and batch <= step.fused_max_rows
+
+
 class LinearsAlone:
     """Every leaf linear of the model run once on a (batch, d_in) input in the model's
-    dtype, on the engine's thread count for that batch: a step can be no faster."""
+    dtype, on the engine's thread count for that batch: a step can be no faster. With
+    `native`, the bf16 nn.Linears run on the C kernel the fused native step runs them on
+    (quant.native_cpu.bf16_linear), as they do in such a step."""
 
-    def __init__(self, model, batch: int, dtype: torch.dtype):
+    def __init__(self, model, batch: int, dtype: torch.dtype, native: bool = False):
         self.leaves = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
         self.inputs = [torch.randn(batch, m.in_features, dtype=dtype)  # (B, d_in)
                        for m in self.leaves]
-        self.batch, self.times = batch, []
+        self.batch, self.times, self.native = batch, [], native
 
     @property
     def threads(self) -> int:
@@ -68,7 +82,10 @@ class LinearsAlone:
         try:
             start = time.perf_counter()
             for m, x in zip(self.leaves, self.inputs):
-                m(x)
+                if self.native and isinstance(m, torch.nn.Linear):
+                    native_cpu.bf16_linear(x, m.weight, m.bias)
+                else:
+                    m(x)
             self.times.append(time.perf_counter() - start)
         finally:
             torch.set_num_threads(default)
@@ -86,7 +103,9 @@ def profile(model, batch: int, mode: str, steps: int, fp32_logits: bool = False,
     params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, seed=0, **MODES[mode])
     start_decoding(engine, batch, params)
     # after the engine's start: its one-row modules (server/single_row.py) are the ones run
-    linears = LinearsAlone(model, batch, getattr(torch, dtype))
+    step = engine.native_step
+    native = step is not None and step.fused and step.dense and batch <= step.fused_max_rows
+    linears = LinearsAlone(model, batch, getattr(torch, dtype), native)
     for _ in range(3):
         linears()
     linears.times.clear()

@@ -59,6 +59,20 @@ int fanformer_wq_linear(const void *x, int bf16, int64_t M, int64_t K, int bits,
     return 0;
 }
 
+/* y (M, N) bf16 = x (M, K) bf16 @ w.T (+ bias (N) bf16, or NULL), w (N, K) bf16 row-major,
+ * K a multiple of 16: native_kernels.h's bf16 linear, the one the fused decode step runs on
+ * bf16 weights, alone (for tests and the benches' linear-only figures). Returns 0. */
+int fanformer_bf16_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w,
+                          const uint16_t *bias, int64_t N, uint16_t *y, int nthreads) {
+    team_barrier_t bar = TEAM_BARRIER_INIT;
+#pragma omp parallel num_threads(nthreads)
+    {
+        team_t t = team_join(&bar);
+        dense_linear_rows(&t, x, M, K, w, bias, N, y);
+    }
+    return 0;
+}
+
 /* ---- decode attention over a paged KV cache (the engine's, server/kv_cache.py) ----
  *
  * For each decode row d and query head h (kv head h / (H / n_kv)): softmax(q . k * scale)

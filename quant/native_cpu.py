@@ -165,6 +165,10 @@ def load(isa: str) -> ctypes.CDLL:
                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                     ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    dense = lib.fanformer_bf16_linear
+    dense.restype = ctypes.c_int
+    dense.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     step = lib.fanformer_decode_step  # its structs: server/native_step.py
     step.restype = ctypes.c_int
     step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -266,6 +270,28 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minus_zs:
         raise ValueError(f"native_cpu.linear: this build has no {bits}-bit path")
     if rc:
         raise MemoryError("fanformer_wq_linear could not allocate its workspace")
+    return y
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x (M, K) bf16 @ weight.T (+ bias) -> (M, N) bf16 with the kernel the fused decode step
+    runs on bf16 weights (quant/native_kernels.h: bitwise the same for a row alone or in a
+    batch, and in both builds; within bf16 rounding of F.linear), on torch's thread count."""
+    m, k = x.shape
+    n = weight.shape[0]
+    tensors = (x, weight) + ((bias,) if bias is not None else ())
+    if any(t.device.type != "cpu" or t.dtype != torch.bfloat16 or not t.is_contiguous()
+           for t in tensors) or weight.shape[1] != k or k % 16 or \
+            (bias is not None and bias.shape != (n,)):
+        raise ValueError("native_cpu.bf16_linear: contiguous CPU bf16 x (M, K), weight (N, K) "
+                         f"and bias (N), K a multiple of 16; got x {tuple(x.shape)}, weight "
+                         f"{tuple(weight.shape)}")
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    if m:
+        (lib or library()).fanformer_bf16_linear(
+            x.data_ptr(), m, k, weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+            n, y.data_ptr(), torch.get_num_threads())
     return y
 
 

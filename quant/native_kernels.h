@@ -320,6 +320,107 @@ static void wq_linear_rows(team_t *t, const void *x, int bf16, int64_t M, int64_
     team_sync(t);
 }
 
+/* ---- a bf16 linear: y (M, N) bf16 = x (M, K) bf16 @ W.T (+ bias), W (N, K) bf16 ----
+ * W is an nn.Linear's own weight, row-major as torch stores it (read in place, no copy).
+ * Why not torch's: inside the fused decode step a one-row bf16 projection is then one more
+ * loop of the step's OpenMP region instead of a GEMV in its own region, whose sleeping
+ * worker (OMP_WAIT_POLICY=PASSIVE) is woken ~60 times a step (docs/ENGINE.md "Threads").
+ * Numerics: per output, 16 fp32 lanes, lane j summing k = j, j + 16, ... in order with one
+ * FMA each (a bf16 x bf16 product is exact in fp32, so each step rounds once); then the
+ * lanes in a fixed tree (j + 8, j + 4, j + 2, j + 1), the bias, one rounding to bf16. The
+ * same instructions in the same order in both builds, at any M and thread count: a row's
+ * result is bitwise the same alone and in a batch, AVX2 or AVX-512. It is not F.linear's
+ * bits (oneDNN sums in another order): within bf16 rounding of them. K % 16 == 0. */
+#ifdef FANFORMER_AVX512
+#define DENSE_OUTS 8 /* outputs per pass over the weights' rows */
+#define DENSE_ROWS 2 /* rows per pass (then 1): 16 accumulators */
+typedef __m512 lanes16_t;
+static inline lanes16_t lanes_zero(void) { return _mm512_setzero_ps(); }
+static inline lanes16_t lanes_bf16(const uint16_t *p) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline lanes16_t lanes_fma(lanes16_t a, lanes16_t b, lanes16_t c) {
+    return _mm512_fmadd_ps(a, b, c);
+}
+static inline float lanes_sum(lanes16_t v) {
+    __m256 lo = _mm512_castps512_ps256(v);
+    __m256 hi = _mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(v), 1));
+    __m256 s8 = _mm256_add_ps(lo, hi);  /* j + (j + 8) */
+#else /* AVX2: 16 registers, each accumulator two of them */
+#define DENSE_OUTS 4
+#define DENSE_ROWS 1
+typedef struct { __m256 lo, hi; } lanes16_t;  /* lanes 0-7, 8-15 */
+static inline lanes16_t lanes_zero(void) {
+    lanes16_t v = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    return v;
+}
+static inline __m256 bf16x8(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline lanes16_t lanes_bf16(const uint16_t *p) {
+    lanes16_t v = {bf16x8(p), bf16x8(p + 8)};
+    return v;
+}
+static inline lanes16_t lanes_fma(lanes16_t a, lanes16_t b, lanes16_t c) {
+    lanes16_t v = {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+    return v;
+}
+static inline float lanes_sum(lanes16_t v) {
+    __m256 s8 = _mm256_add_ps(v.lo, v.hi);  /* j + (j + 8) */
+#endif
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));             /* j + (j + 2) */
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));  /* 0 + 1 */
+}
+
+/* rows m0 .. m0+R-1 times outputs n0 .. n0+NO-1; R and NO compile-time constants at each
+ * call, so the R x NO accumulators stay in registers */
+static inline __attribute__((always_inline)) void dense_rows(
+    const int R, const int NO, const uint16_t *x, int64_t m0, int64_t K, const uint16_t *w,
+    int64_t n0, const uint16_t *bias, uint16_t *y, int64_t N) {
+    lanes16_t acc[DENSE_ROWS][DENSE_OUTS];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NO; j++) acc[r][j] = lanes_zero();
+    for (int64_t k = 0; k < K; k += 16) {
+        lanes16_t xs[DENSE_ROWS];
+        for (int r = 0; r < R; r++) xs[r] = lanes_bf16(x + (m0 + r) * K + k);
+        if (!(k & 31))  /* the next outputs' weights, a cache line each: streams too short
+                         * (K * 2 bytes) for the hardware prefetcher to find */
+            for (int j = 0; j < NO; j++)
+                _mm_prefetch((const char *)(w + (n0 + NO + j) * K + k), _MM_HINT_T0);
+        for (int j = 0; j < NO; j++) {
+            const lanes16_t wj = lanes_bf16(w + (n0 + j) * K + k);
+            for (int r = 0; r < R; r++) acc[r][j] = lanes_fma(wj, xs[r], acc[r][j]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NO; j++) {
+            float v = lanes_sum(acc[r][j]);
+            if (bias) v += bf16_to_float(bias[n0 + j]);
+            y[(m0 + r) * N + n0 + j] = float_to_bf16(v);
+        }
+}
+
+/* the team's share of the outputs (groups of DENSE_OUTS), every row; ends with a team_sync */
+static void dense_linear_rows(team_t *t, const uint16_t *x, int64_t M, int64_t K,
+                              const uint16_t *w, const uint16_t *bias, int64_t N, uint16_t *y) {
+    TEAM_FOR(t, c, (N + DENSE_OUTS - 1) / DENSE_OUTS) {
+        const int64_t n0 = c * DENSE_OUTS;
+        if (n0 + DENSE_OUTS <= N) {
+            int64_t m0 = 0;
+            for (; m0 + DENSE_ROWS <= M; m0 += DENSE_ROWS)
+                dense_rows(DENSE_ROWS, DENSE_OUTS, x, m0, K, w, n0, bias, y, N);
+            for (; m0 < M; m0++) dense_rows(1, DENSE_OUTS, x, m0, K, w, n0, bias, y, N);
+        } else {
+            for (int64_t n = n0; n < N; n++)
+                for (int64_t m0 = 0; m0 < M; m0++) dense_rows(1, 1, x, m0, K, w, n, bias, y, N);
+        }
+    }
+    team_sync(t);
+}
+
 /* Decode attention of one (row, kv head) item (native_cpu.c's fanformer_paged_decode):
  * the row's g query heads over its first lens[d] positions, through its block table.
  * buf: (2 g hd + hd + g longest) floats of the caller's. */

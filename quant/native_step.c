@@ -1,8 +1,9 @@
 /* The decode step of a bf16 FANformer in C, for R rows of one token each (server/
  * native_step.py). Fused (`fanformer_decode_step`): every block of a model whose every
- * projection is a native quantized linear, in one call and one OpenMP region. Phased
- * (`fanformer_block_phase`): the elementwise phases between projections, one call each,
- * for any other bf16 model, whose projections torch runs in between.
+ * projection is a native quantized linear or a bf16 linear (native_kernels.h), in one call
+ * and one OpenMP region. Phased (`fanformer_block_phase`): the elementwise phases between
+ * projections, one call each, for any other bf16 model (nf4, ...), whose projections torch
+ * runs in between.
  *
  * Why: a one-row step in eager PyTorch is ~2,000 small aten calls around 61 linears
  * (docs/ENGINE.md "The native decode step"). Here each block is the same sequence of the
@@ -21,7 +22,8 @@
 
 #include "native_kernels.h"
 
-typedef struct {  /* one quantized linear in native_cpu.c's layout */
+typedef struct {  /* one linear: quantized in native_cpu.c's layout (bits 4 or 8), or a bf16
+                   * nn.Linear's own (N, K) weight in `packed` (bits 16, native_kernels.h) */
     const uint8_t *packed;
     const float *scale, *minus_zs;  /* (K / gs, Np) */
     const uint16_t *bias;           /* (N) bf16, or NULL */
@@ -79,6 +81,10 @@ typedef struct {  /* shared scratch of one call */
 /* y (R, N) bf16 = linear(x (R, K) bf16); inside the parallel region */
 static void run_linear(team_t *t, const linear_t *l, int64_t R, const uint16_t *x,
                        uint16_t *y, const scratch_t *w) {
+    if (l->bits == 16) {  /* bias added before the one rounding, as F.linear adds it */
+        dense_linear_rows(t, x, R, l->K, (const uint16_t *)l->packed, l->bias, l->N, y);
+        return;
+    }
     const uint16_t *in = x;
     if (l->perm || l->in_scale) {
         TEAM_FOR(t, m, R)

@@ -246,6 +246,8 @@ class LLMEngine:
         h = hidden[0, to_device(wanted, self.device)]  # (R, d)
         if self.head_fp32 is not None:
             logits = F.linear(h.float(), self.head_fp32)  # (R, padded vocab), fp32
+        elif native:
+            logits = self.native_step.logits(h)  # (R, padded vocab), the model's dtype
         else:
             logits = model.lm_head(h)  # (R, padded vocab), the model's dtype
         return logits[:, : self.vocab_size], rows

@@ -6,15 +6,20 @@ A one-row decode step is overhead-bound: its 61 linears are a third (4-bit) to t
 native decode step"). Two ways, chosen per model when the engine starts:
 
   fused: every projection of every block is a quantized layer on the native kernel (4-bit;
-      int8 on the AVX-512 build): the whole step is one C call and one OpenMP region.
-  phased: any other bf16 model (bf16 weights, nf4, ...): per block, torch runs each
+      int8 on the AVX-512 build) or a bf16 nn.Linear (the C file's own bf16 linear, on the
+      layer's weight in place): the whole step is one C call and one OpenMP region. With
+      bf16 linears only up to DENSE_FUSED_MAX_ROWS rows (where that kernel beats oneDNN's
+      GEMM), phased above; their LM head then runs on the same kernel (`logits`).
+  phased: any other bf16 model (nf4, ...), or more rows: per block, torch runs each
       projection (the very modules of the eager model, so the same bits) and C the
       elementwise work between them in 6 calls (norms, FAN features, RoPE, the cache
       write and paged attention, residuals, SwiGLU).
 
 Both round to bf16 wherever the eager bf16 model rounds, so they agree with it to bf16
-rounding: bitwise on the tests' models, not guaranteed (RMSNorm's sum order, expf and cosf
-against torch's vectorized ones). Each row is computed alone.
+rounding: bitwise on the tests' quantized models, not guaranteed (RMSNorm's sum order,
+expf and cosf against torch's vectorized ones); the bf16 linear sums in another order than
+oneDNN, so a fused bf16 step is within bf16 rounding of the eager one, not bitwise. Each row
+is computed alone: a row's bits do not depend on the other rows of a step of its way.
 
 `NativeDecodeStep.build(model, pool)` returns None, with the reason logged once, unless the
 model and its KV cache are bf16 on CPU and the native kernels run here. The engine calls it
@@ -48,6 +53,8 @@ log = logging.getLogger(__name__)
 # (above that, the eager step with cascade decode is the faster one)
 FUSED_MAX_ROWS, PHASED_MAX_ROWS = 64, 32
 FUSED_SHARED_MAX_ROWS, PHASED_SHARED_MAX_ROWS = 32, 16
+# the most rows a step with bf16 linears takes fused (C's bf16 linear); phased above
+DENSE_FUSED_MAX_ROWS = 16
 DISABLE_ENV = "FANFORMER_NATIVE_STEP"  # "0": decode steps run the eager model (comparisons)
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -98,20 +105,25 @@ class NativeDecodeStep:
         self.model, self.lib, self.config = model, lib, c
         if c.n_heads // c.n_kv_heads > native_cpu.PagedDecode.MAX_GROUP:
             raise Unsupported("more query heads per KV head than the attention kernel takes")
-        self.fused, self.why_phased = fused, "asked for"
+        self.fused, self.why_phased, self.fused_max_rows = fused, "asked for", 0
         if fused:
             try:
                 self._describe(pool, projections=True)
-                self.max_rows = self._native_rows()
-                self.shared_max_rows = min(self.max_rows, FUSED_SHARED_MAX_ROWS)
+                self.fused_max_rows = self._native_rows()
             except Unsupported as e:
                 self.fused, self.why_phased = False, str(e)
+        if self.fused and not self.dense:
+            self.max_rows = self.fused_max_rows
+            self.shared_max_rows = min(self.max_rows, FUSED_SHARED_MAX_ROWS)
+            return
+        # phased: the whole way, or above fused_max_rows when bf16 linears are fused (our
+        # bf16 kernel beats torch's only at a few rows; the descriptors serve both ways)
+        self.max_rows, self.shared_max_rows = PHASED_MAX_ROWS, PHASED_SHARED_MAX_ROWS
         if not self.fused:
-            self.max_rows, self.shared_max_rows = PHASED_MAX_ROWS, PHASED_SHARED_MAX_ROWS
             self._describe(pool, projections=False)
-            self.ff = c.d_ff  # the SwiGLU's inner width, CoLA or not
-            self.width = max(c.d_model, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, self.ff)
-            self._rows = torch.empty(len(ROWS), 0, dtype=torch.bfloat16)  # grown on demand
+        self.ff = c.d_ff  # the SwiGLU's inner width, CoLA or not
+        self.width = max(c.d_model, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, self.ff)
+        self._rows = torch.empty(len(ROWS), 0, dtype=torch.bfloat16)  # grown on demand
 
     @classmethod
     def build(cls, model: nn.Module, pool: KVCachePool) -> NativeDecodeStep | None:
@@ -131,17 +143,26 @@ class NativeDecodeStep:
             except Unsupported as e:
                 why = str(e)
             else:
-                log.info("native decode step: %s", "fused (one C call a step)" if step.fused
-                         else f"phased (torch runs the projections: {step.why_phased})")
+                log.info("native decode step: %s", step.describe())
                 return step
         log.info("native decode step off (%s): decode steps run the eager model", why)
         return None
+
+    def describe(self) -> str:
+        """How steps run, for the log."""
+        if not self.fused:
+            return f"phased (torch runs the projections: {self.why_phased})"
+        if not self.dense:
+            return "fused (one C call a step)"
+        return (f"fused up to {self.fused_max_rows} rows (bf16 linears in C), phased up to "
+                f"{self.max_rows}")
 
     # ---- descriptors, built once ----
     def _describe(self, pool: KVCachePool, projections: bool) -> None:
         c = self.config
         self._keep: list[torch.Tensor] = []  # every tensor a descriptor points into
         self._quantized: list[QuantLinear] = []
+        self.dense = False  # whether a projection is a bf16 linear (the C file's own kernel)
         self.layers = (_Layer * c.n_layers)()
         widths = [c.d_model]
         for i, block in enumerate(self.model.blocks):
@@ -156,6 +177,8 @@ class NativeDecodeStep:
         return t.data_ptr()
 
     def _linear(self, module: nn.Module, widths: list[int]) -> _Linear:
+        if type(module) in (nn.Linear, SingleRowLinear):
+            return self._dense(module, widths)
         if not isinstance(module, QuantLinear):
             raise Unsupported(f"a {type(module).__name__} projection is not quantized")
         kernel = module._kernel("weight-only")
@@ -176,6 +199,20 @@ class NativeDecodeStep:
                        perm.data_ptr() if perm is not None else None, self._bf16(in_scale),
                        module.in_features, kernel.n, kernel.scale.shape[1], kernel.group_size,
                        kernel.bits)
+
+    def _dense(self, module: nn.Linear, widths: list[int]) -> _Linear:
+        """A bf16 nn.Linear: its own weight, read in place by the C file's bf16 linear."""
+        weight = module.weight.detach()
+        if weight.dtype != torch.bfloat16 or not weight.is_contiguous():
+            raise Unsupported("a linear's weight is not contiguous bf16")
+        if module.in_features % 16:
+            raise Unsupported("a bf16 linear's input width is not a multiple of 16")
+        self._keep.append(weight)
+        self.dense = True
+        widths += [module.in_features, module.out_features]
+        return _Linear(weight.data_ptr(), None, None, self._bf16(module.bias), None, None,
+                       module.in_features, module.out_features, module.out_features,
+                       module.in_features, 16)
 
     def _proj(self, module: nn.Module, widths: list[int]) -> _Proj:
         if isinstance(module, CoLALinear):
@@ -207,10 +244,11 @@ class NativeDecodeStep:
         return layer
 
     def _native_rows(self) -> int:
-        """The most rows (up to FUSED_MAX_ROWS) at which every quantized layer's own policy
-        runs its native kernel: the fused step computes what the eager layers would only
-        there. Asked once here, not per step (the policy does not change while serving)."""
-        for rows in range(FUSED_MAX_ROWS, 0, -1):
+        """The most rows (up to FUSED_MAX_ROWS, DENSE_FUSED_MAX_ROWS with bf16 linears) at
+        which every quantized layer's own policy runs its native kernel: the fused step
+        computes what the eager layers would only there. Asked once here, not per step (the
+        policy does not change while serving)."""
+        for rows in range(DENSE_FUSED_MAX_ROWS if self.dense else FUSED_MAX_ROWS, 0, -1):
             if all(m.kernel_name(rows) == "weight-only" for m in self._quantized):
                 return rows  # the policy is monotone in the row count
         return 0  # a layer runs w8a8 even at one row: no step takes this path
@@ -246,7 +284,7 @@ class NativeDecodeStep:
                      self.max_width, c.norm_eps, c.head_dim ** -0.5,
                      cos.data_ptr(), sin.data_ptr(), attention.write_index.data_ptr(),
                      paged.tables.data_ptr(), paged.lengths.data_ptr())
-        if self.fused:
+        if self.fused and rows <= self.fused_max_rows:
             rc = self.lib.fanformer_decode_step(ctypes.addressof(self.layers),
                                                 ctypes.byref(step), x.data_ptr(),
                                                 torch.get_num_threads())
@@ -255,6 +293,17 @@ class NativeDecodeStep:
         if rc:
             raise MemoryError("the native decode step could not allocate its workspace")
         return self.model.norm(x)  # (R, d)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on a native step's rows h (R, d): a bf16 head on the C file's bf16
+        linear where the blocks' bf16 linears ran there (the step fused: no wake-up of a
+        sleeping worker for torch's GEMV, and a faster GEMV), else the model's own head."""
+        head = self.model.lm_head
+        if self.fused and self.dense and h.shape[0] <= self.fused_max_rows and \
+                type(head) in (nn.Linear, SingleRowLinear) and head.weight.dtype == torch.bfloat16 \
+                and head.in_features % 16 == 0 and head.weight.is_contiguous():
+            return native_cpu.bf16_linear(h.contiguous(), head.weight, head.bias, lib=self.lib)
+        return head(h)
 
     def _phased(self, x: torch.Tensor, step: _Step) -> int:
         """The blocks with torch's projections between the C phases; x (R, d) in place."""

@@ -187,6 +187,51 @@ def test_refuses_what_it_would_read_out_of_bounds():
             native_cpu.linear(bad, *packed, 32, 64)
 
 
+def dense_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The bf16 linear's documented order in torch, bit for bit: x (M, K), w (N, K) bf16 ->
+    (M, N) bf16. A bf16 x bf16 product is exact in fp32, so an fp32 add of it is the FMA."""
+    m, k = x.shape
+    products = x.float()[:, None, :] * w.float()[None]  # (M, N, K), exact
+    lanes = torch.zeros(m, w.shape[0], 16)  # (M, N, 16): lane j sums k = j, j + 16, ...
+    for chunk in products.reshape(m, w.shape[0], k // 16, 16).unbind(2):
+        lanes = lanes + chunk
+    for half in (8, 4, 2, 1):  # the fixed tree
+        lanes = lanes[..., :half] + lanes[..., half:2 * half]
+    out = lanes[..., 0] + (bias.float() if bias is not None else 0)
+    return out.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("k, n, rows, bias", [(64, 16, 1, False), (512, 100, 13, True),
+                                               (256, 37, 3, False), (768, 8, 2, True)])
+def test_bf16_linear_sums_in_its_documented_order(k, n, rows, bias, lib):
+    """Both builds, at 1 and 2 threads, and whatever the row count (a row alone == in the
+    batch): the oracle's bits; and within bf16 rounding of F.linear."""
+    g = torch.Generator().manual_seed(k + n)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
+    expected = dense_reference(x, w, b)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            assert torch.equal(native_cpu.bf16_linear(x, w, b, lib=lib), expected)
+            assert torch.equal(native_cpu.bf16_linear(x[-1:], w, b, lib=lib), expected[-1:])
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(expected, torch.nn.functional.linear(x, w, b), rtol=0.016,
+                               atol=0.016)
+
+
+@needs_kernel
+def test_bf16_linear_refuses_what_it_cannot_read():
+    w = torch.randn(32, 64).to(torch.bfloat16)
+    for x, weight in ((torch.randn(2, 64), w), (torch.randn(2, 48).to(torch.bfloat16), w[:, :48]),
+                      (torch.randn(2, 32).to(torch.bfloat16), w)):
+        with pytest.raises(ValueError, match="K a multiple of 16"):
+            native_cpu.bf16_linear(x, weight)
+
+
 def _library_in_subprocess(env: dict[str, str]) -> str:
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
             "from quant import native_cpu; print('LOADED', native_cpu.library() is not None)")

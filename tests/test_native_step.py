@@ -15,6 +15,7 @@ from quant.cli import main
 from server.engine import EngineConfig, LLMEngine
 from server.kv_cache import KVCachePool, Segment, StepAttention
 from server.native_step import (
+    DENSE_FUSED_MAX_ROWS,
     FUSED_MAX_ROWS,
     FUSED_SHARED_MAX_ROWS,
     PHASED_MAX_ROWS,
@@ -28,25 +29,27 @@ pytestmark = pytest.mark.skipif(native_cpu.library() is None,
                                 reason="the native CPU kernels do not run here")
 
 FAST = ["--calib_samples", "4", "--calib_seq_len", "32", "--eval_tokens", "0", "--quiet"]
-# preset (overrides), method (None: bf16 weights), flags, whether the step is fused.
+# preset (overrides), method (None: bf16 weights), flags, the step's way: "fused" (every
+# projection quantized: fused at every row count it takes), "bf16" (bf16 linears: fused up
+# to DENSE_FUSED_MAX_ROWS, phased above), "phased".
 # cola_rank 32: CoLA's inner width must hold a quantization group.
 CASES = {
-    "fanformer rtn": ("test", dict(cola_rank=32), "rtn", ["--group_size", "32"], True),
-    "fanformer awq": ("test", dict(cola_rank=32), "awq", ["--group_size", "32"], True),
+    "fanformer rtn": ("test", dict(cola_rank=32), "rtn", ["--group_size", "32"], "fused"),
+    "fanformer awq": ("test", dict(cola_rank=32), "awq", ["--group_size", "32"], "fused"),
     "dense gptq act-order": ("transformer-test", {}, "gptq",
-                             ["--group_size", "32", "--desc_act", "--lm_head", "int8"], True),
-    "dense int8": ("transformer-test", {}, "int8", [], True),
-    "fanformer bf16": ("test", {}, None, [], False),
-    "dense bf16": ("transformer-test", {}, None, [], False),
-    "dense nf4": ("transformer-test", {}, "nf4", [], False),
+                             ["--group_size", "32", "--desc_act", "--lm_head", "int8"], "fused"),
+    "dense int8": ("transformer-test", {}, "int8", [], "fused"),
+    "fanformer bf16": ("test", {}, None, [], "bf16"),
+    "dense bf16": ("transformer-test", {}, None, [], "bf16"),
+    "dense nf4": ("transformer-test", {}, "nf4", [], "phased"),
 }
 PROMPTS = [[5, 9, 14], [17, 42, 9, 3, 8, 1, 77, 23, 4], list(range(3, 30))]
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory, tokenizer):
-    """(bf16 model, tokenizer, whether its step is fused)"""
-    preset, overrides, method, flags, fused = CASES[request.param]
+    """(bf16 model, tokenizer, its step's way)"""
+    preset, overrides, method, flags, way = CASES[request.param]
     if method == "int8" and not native_cpu.full_build():
         pytest.skip("int8 layers run natively on the AVX-512 build only")
     model = make_model(preset, **overrides)
@@ -56,7 +59,7 @@ def case(request, tmp_path_factory, tokenizer):
         assert main(["--method", method, "--checkpoint", str(src), "--output", str(out),
                      *FAST, *flags]) == 0
         model, _ = load_any_checkpoint(out)
-    return model.to(torch.bfloat16).eval(), tokenizer, fused
+    return model.to(torch.bfloat16).eval(), tokenizer, way
 
 
 def prefilled(model, prompts, block_size=4):
@@ -85,10 +88,12 @@ def decode(step, model, pool, tables, prompts, rows, native):
 
 @pytest.mark.parametrize("phased", [False, True])
 def test_matches_the_eager_model_to_bf16_rounding(case, phased):
-    model, _, fused = case
+    model, _, way = case
     pool, tables = prefilled(model, PROMPTS)
     step = NativeDecodeStep.build(model, pool)
-    assert step is not None and step.fused == fused and step.max_rows >= len(PROMPTS)
+    assert step is not None and step.fused == (way != "phased")
+    assert step.max_rows >= len(PROMPTS) and step.fused_max_rows == \
+        {"fused": FUSED_MAX_ROWS, "bf16": DENSE_FUSED_MAX_ROWS, "phased": 0}[way]
     if phased:  # the phased way for every model, the fused ones too
         step = NativeDecodeStep(model, pool, native_cpu.library(), fused=False)
     rows = list(range(len(PROMPTS)))
@@ -127,13 +132,16 @@ def test_the_avx2_build_gives_the_same_bits(case):
 
 class _Counted:
     """The engine's native step, recording each call's row count (the engine asks only
-    `takes` and calls it)."""
+    `takes`, calls it and its `logits`)."""
 
     def __init__(self, step: NativeDecodeStep, rows: list[int]):
         self.step, self.rows = step, rows
 
     def takes(self, segments, block_size: int) -> bool:
         return self.step.takes(segments, block_size)
+
+    def logits(self, h):
+        return self.step.logits(h)
 
     def __call__(self, input_ids, attention):
         self.rows.append(len(input_ids))
@@ -161,12 +169,18 @@ def test_the_engine_decodes_with_it_and_gives_the_eager_tokens(case):
     assert _greedy(model, tokenizer, native=True)[0] == _greedy(model, tokenizer, False)[0]
 
 
+def _bounds(way: str) -> tuple[int, int]:
+    """(rows, rows sharing a prefix) a step of this way takes"""
+    return (FUSED_MAX_ROWS, FUSED_SHARED_MAX_ROWS) if way == "fused" else \
+        (PHASED_MAX_ROWS, PHASED_SHARED_MAX_ROWS)
+
+
 def test_steps_above_the_shared_bound_take_it_when_no_prefix_is_shared(case):
     """Between the shared-prefix bound and the row bound, unshared rows decode natively
     and give the eager tokens."""
-    model, tokenizer, fused = case
-    n = (FUSED_SHARED_MAX_ROWS + FUSED_MAX_ROWS) // 2 if fused else \
-        (PHASED_SHARED_MAX_ROWS + PHASED_MAX_ROWS) // 2
+    model, tokenizer, way = case
+    most, shared = _bounds(way)
+    n = (shared + most) // 2
     prompts = [[(7 * i + j) % 50 + 3 for j in range(5 + i % 7)] for i in range(n)]
     native, rows = _greedy(model, tokenizer, True, prompts)
     assert max(rows) == n  # the whole batch in one native step
@@ -174,11 +188,11 @@ def test_steps_above_the_shared_bound_take_it_when_no_prefix_is_shared(case):
 
 
 def test_it_is_off_where_it_cannot_run(case, monkeypatch):
-    model, tokenizer, fused = case
+    model, tokenizer, way = case
     pool = KVCachePool(model.config, 4, 4, torch.bfloat16, "cpu")
     step = NativeDecodeStep.build(model, pool)
-    most = FUSED_MAX_ROWS if fused else PHASED_MAX_ROWS
-    shared = FUSED_SHARED_MAX_ROWS if fused else PHASED_SHARED_MAX_ROWS
+    most, shared = _bounds(way)
+    assert (step.max_rows, step.shared_max_rows) == (most, shared)
     bs = pool.block_size
 
     def rows(n, share=False, length=1):  # n segments past 5 whole blocks, shared or each own
@@ -197,3 +211,33 @@ def test_it_is_off_where_it_cannot_run(case, monkeypatch):
     assert invariant.native_step is None  # larger steps' eager bits could differ
     monkeypatch.setenv("FANFORMER_NATIVE_STEP", "0")
     assert NativeDecodeStep.build(model, pool) is None
+
+
+class _CountedLibrary:
+    """A kernel library whose fused-step calls are counted (the rest passes through)."""
+
+    def __init__(self, lib):
+        self.lib, self.fused_calls = lib, 0
+
+    def fanformer_decode_step(self, *args):
+        self.fused_calls += 1
+        return self.lib.fanformer_decode_step(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.lib, name)
+
+
+def test_bf16_steps_are_fused_up_to_the_dense_bound_and_phased_above():
+    model = make_model("transformer-test").to(torch.bfloat16)
+    prompts = [[(5 * i + j) % 60 + 3 for j in range(3 + i % 4)]
+               for i in range(DENSE_FUSED_MAX_ROWS + 1)]
+    pool, tables = prefilled(model, prompts)
+    step = NativeDecodeStep.build(model, pool)
+    step.lib = counted = _CountedLibrary(step.lib)
+    phased = NativeDecodeStep(model, pool, native_cpu.library(), fused=False)
+    for n, fused_calls in ((DENSE_FUSED_MAX_ROWS, 1), (DENSE_FUSED_MAX_ROWS + 1, 1)):
+        rows = list(range(n))
+        ours = decode(step, model, pool, tables, prompts, rows, native=True)
+        assert counted.fused_calls == fused_calls
+        theirs = decode(phased, model, pool, tables, prompts, rows, native=True)
+        assert (ours.float() - theirs.float()).abs().max() < 0.05
