@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 FUSED_MAX_ROWS, PHASED_MAX_ROWS = 64, 32
 FUSED_SHARED_MAX_ROWS, PHASED_SHARED_MAX_ROWS = 32, 16
 # the most rows a step with bf16 linears takes fused (C's bf16 linear); phased above
-DENSE_FUSED_MAX_ROWS = 16
+DENSE_FUSED_MAX_ROWS = 12
 DISABLE_ENV = "FANFORMER_NATIVE_STEP"  # "0": decode steps run the eager model (comparisons)
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
