@@ -79,7 +79,8 @@ def main() -> None:
                         for streams in own.streams:
                             load = os.getloadavg()[0]
                             r = sbs.run_load(server.url, streams, sbs.requests_for(streams, args),
-                                             mode, args.max_tokens, args, rnd, Path(tmp))
+                                             mode, args.max_tokens, args,
+                                             sbs.point_seed(rnd, mode, streams), Path(tmp))
                             points.append({"round": rnd, "variant": variant, "mode": mode,
                                            "streams": streams, "loadavg_before": load, **r})
                             print(f"round {rnd} {variant:16} {mode:7} {streams:3} streams: "

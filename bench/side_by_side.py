@@ -326,6 +326,20 @@ class LinearCeiling:
                                    1)}
 
 
+WARMUP_SEED = 999  # the warm-up's prompts: below every point's seed
+
+
+def point_seed(rnd: int, mode: str, streams: int) -> int:
+    """The load generator's seed for one point: prompts that no other point of the run sends
+    (the two servers of a point get the same ones). fanformer-serve keeps a finished
+    request's full prompt blocks in its prefix cache (on by default), so a point replaying
+    an earlier point's prompts skips their prefill, which llama-server (`--no-cache-prompt`)
+    does not: before 2026-12-01 15:00 UTC each sampled point replayed the greedy point's
+    prompts on the same server (docs/BENCHMARKS.md). load.py seeds request i with
+    seed * 1,000,003 + i, so seeds 1,000 apart never share a prompt."""
+    return 1000 * (1 + rnd * len(MODES) + list(MODES).index(mode)) + streams
+
+
 def measure_group(servers: list[Server], variant: str, model: str, rnd: int, args,
                   tmp: Path, points: list[dict], ceiling: LinearCeiling | None = None,
                   ceilings: list[dict] | None = None) -> None:
@@ -334,7 +348,7 @@ def measure_group(servers: list[Server], variant: str, model: str, rnd: int, arg
     top = max(args.streams)
     for s in servers:  # unrecorded: the largest batch's kernels and buffers, both modes
         for mode in args.modes:
-            run_load(s.url, top, top, mode, min(args.max_tokens, 16), args, 999, tmp)
+            run_load(s.url, top, top, mode, min(args.max_tokens, 16), args, WARMUP_SEED, tmp)
     for mode in args.modes:
         for streams in args.streams:
             for s in servers:
@@ -345,7 +359,7 @@ def measure_group(servers: list[Server], variant: str, model: str, rnd: int, arg
                     _measure_ceiling(ceiling, ceilings, "before", rnd, model, mode)
                 cpu0 = s.cpu_seconds()
                 r = run_load(s.url, streams, requests_for(streams, args), mode,
-                             args.max_tokens, args, rnd * 1000 + streams, tmp)
+                             args.max_tokens, args, point_seed(rnd, mode, streams), tmp)
                 if judged:
                     _measure_ceiling(ceiling, ceilings, "after", rnd, model, mode)
                 r.update(round=rnd, model=model, variant=variant, mode=mode, streams=streams,
