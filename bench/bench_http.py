@@ -131,7 +131,7 @@ async def http_level(url: str, process: psutil.Process, args, ids: list[int], c:
     la = loadgen.build_parser().parse_args([
         "--url", url + "/v1", "--concurrency", str(c), "--num_requests", str(requests_at(c)),
         "--max_tokens", str(args.max_tokens), "--ignore_eos", "--prompt_ids",
-        ",".join(map(str, ids)), "--warmup", "1", "--model", "bench"])
+        ",".join(map(str, ids)), "--same_prompt", "--warmup", "1", "--model", "bench"])
     me = psutil.Process()
     loop0, all0 = cpu_seconds(process)
     client0 = sum(me.cpu_times()[:2])

@@ -44,13 +44,21 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
+def numbered_ids(ids: list[int], i: int) -> list[int]:
+    """Request i's token ids: each of `ids` moved up by i within their own range (min..max),
+    so requests differ from the first token on and a server's prefix cache cannot serve one
+    request's prompt from another's (as numbered text prompts differ)."""
+    low, span = min(ids), max(ids) - min(ids) + 1
+    return [low + (t - low + i) % span for t in ids]
+
+
 def request_body(args, i: int) -> dict:
     prompt = args.prompt if args.same_prompt else f"{args.prompt} ({i})"
     body = {"model": args.model, "max_tokens": args.max_tokens, "stream": True,
             "temperature": args.temperature,
             "stream_options": {"include_usage": True}}
     if args.prompt_ids is not None:
-        body["prompt"] = args.prompt_ids
+        body["prompt"] = args.prompt_ids if args.same_prompt else numbered_ids(args.prompt_ids, i)
     elif args.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
@@ -170,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="Alice was beginning to get very tired of sitting by "
                                        "her sister on the bank")
     p.add_argument("--prompt_ids", type=lambda s: [int(t) for t in s.split(",")], default=None,
-                   help="comma-separated token ids to send instead of --prompt")
+                   help="comma-separated token ids to send instead of --prompt (request i "
+                        "sends them moved up by i within their range, unless --same_prompt)")
     p.add_argument("--same_prompt", action="store_true",
                    help="send the identical prompt every time (default: numbered prompts)")
     p.add_argument("--ignore_eos", action="store_true",
