@@ -95,8 +95,8 @@ def candidates(k: int, n: int) -> dict:
         x.float(), prepacked, True)
     w8t = w8.T.contiguous()  # (K, N)
     out["w8a8 _int_mm"] = lambda x: w8a8_linear(x, w8t, w_scale)
-    if onednn_int8_exact():
-        out["w8a8 oneDNN"] = w8a8_kernel(w8, w_scale)
+    if onednn_int8_exact():  # timed even where too slow to be chosen (onednn_int8_fast)
+        out["w8a8 oneDNN"] = w8a8_kernel(w8, w_scale, onednn=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qw1 = torch._make_per_channel_quantized_tensor(

@@ -4,16 +4,20 @@ multiplied by per-channel int8 weights with int32 sums, then both scales.
 Integer sums are exact in any order, so a row's result never depends on the other rows or
 on how many there are: the property quantized layers' batch invariance rests on
 (quant/layers.py). Two GEMMs give those sums: oneDNN's int8 linear on a prepacked weight
-(AMX/VNNI, used where a one-time check finds it exact) and `torch._int_mm` (everywhere
-else); both give the same bits, which tests/test_quant_layers.py checks.
+(AMX/VNNI, used where one-time checks find it exact and fast) and `torch._int_mm`
+(everywhere else); both give the same bits, which tests/test_quant_layers.py checks.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import time
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 # oneDNN's int8 linear gets rows in multiples of this: at 1-5 rows it picks its slow
 # reference kernel for many shapes (ms instead of us; seen with ONEDNN_VERBOSE=1, torch
@@ -99,11 +103,50 @@ def onednn_int8_exact() -> bool:
         return False
 
 
-def w8a8_kernel(w8: torch.Tensor, w_scale: torch.Tensor, qmax: int = 127):
+def _best_seconds(fn, repeats: int = 3) -> float:
+    fn()  # oneDNN compiles its kernel on the first call
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def onednn_int8_fast() -> bool:
+    """Whether to run the w8a8 GEMM on oneDNN: exact here (`onednn_int8_exact`) and not
+    slower than `torch._int_mm` on one 16 x 512 x 512 product. On some CPUs oneDNN gives the
+    right sums from its reference kernel at every shape (an AMD EPYC with AVX-512 VNNI,
+    torch 2.13: 100 ms against `_int_mm`'s 0.5 ms, `ref_int8:any` in ONEDNN_VERBOSE=1), which
+    made a 4-bit model's prefill hundreds of times slower. Both GEMMs give the same bits, so
+    this choice changes the speed only, never a token; 2x of slack keeps it from flapping
+    between runs where the two are close."""
+    if not onednn_int8_exact():
+        return False
+    g = torch.Generator().manual_seed(0)
+    w8 = torch.randint(-127, 128, (512, 512), generator=g, dtype=torch.int8)
+    q = torch.randint(-127, 128, (ONEDNN_ROW_TILE, 512), generator=g, dtype=torch.int8)
+    onednn, w8t = _onednn_int8_sums(w8), w8.T.contiguous()
+    onednn_s = _best_seconds(lambda: onednn(q))
+    int_mm_s = _best_seconds(lambda: torch._int_mm(q, w8t))
+    fast = onednn_s <= 2 * int_mm_s
+    log.log(logging.DEBUG if fast else logging.INFO,
+            "w8a8 GEMM: %s (oneDNN int8 %.3f ms, torch._int_mm %.3f ms on 16 x 512 x 512)",
+            "oneDNN" if fast else "torch._int_mm, oneDNN runs a slow kernel on this CPU",
+            onednn_s * 1e3, int_mm_s * 1e3)
+    return fast
+
+
+def w8a8_kernel(w8: torch.Tensor, w_scale: torch.Tensor, qmax: int = 127,
+                onednn: bool | None = None):
     """A callable x (M, K) -> fp32 (M, N) computing `w8a8_linear` with the int8 weights w8
-    (N, K) and per-channel scales w_scale (N,), on the fastest exact GEMM this CPU has."""
+    (N, K) and per-channel scales w_scale (N,), on the fastest exact GEMM this CPU has
+    (`onednn` forces the choice: tests and benches run both GEMMs)."""
     w_scale = w_scale.float()
-    if w8.device.type == "cpu" and onednn_int8_exact():
+    if onednn is None:
+        onednn = w8.device.type == "cpu" and onednn_int8_fast()
+    if onednn:
         sums = _onednn_int8_sums(w8.contiguous())
         return lambda x: _scaled_sums(x, sums, w_scale, qmax)
     w8t = w8.T.contiguous()  # (K, N)

@@ -6,6 +6,8 @@ there a layer runs its dequantize-once fallback)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -361,20 +363,35 @@ def test_an_independent_awq_reader_sees_our_weights():
 
 
 @pytest.mark.parametrize("k,n", [(256, 48), (96, 50), (512, 640)])
-def test_w8a8_kernel_gives_the_int_mm_bits_on_every_path(k, n, monkeypatch):
-    """The w8a8 GEMM a layer runs (oneDNN's prepacked int8 linear where it is exact here,
-    `torch._int_mm` elsewhere) gives `w8a8_linear`'s bits at every row count, in bf16 and
-    fp32, on odd widths, with an outlier row; and the `_int_mm` fallback runs too."""
+def test_w8a8_kernel_gives_the_int_mm_bits_on_every_path(k, n):
+    """Both GEMMs of the w8a8 kernel (oneDNN's prepacked int8 linear, tested wherever it is
+    exact, even where it is too slow to be chosen; `torch._int_mm`) give `w8a8_linear`'s
+    bits at every row count, in bf16 and fp32, on odd widths, with an outlier row."""
     g = torch.Generator().manual_seed(k + n)
     w8, scale = w8a8.per_channel_int8(torch.randn(n, k, generator=g))
     x = torch.randn(70, k, generator=g) * 3
     x[4] *= 1000
     expected = {dt: w8a8.w8a8_linear(x.to(dt), w8.T.contiguous(), scale)
                 for dt in (torch.float32, torch.bfloat16)}
-    fast = w8a8.w8a8_kernel(w8, scale)
-    monkeypatch.setattr(w8a8, "onednn_int8_exact", lambda: False)
-    portable = w8a8.w8a8_kernel(w8, scale)
+    fast = w8a8.w8a8_kernel(w8, scale, onednn=w8a8.onednn_int8_exact())  # even if slow
+    portable = w8a8.w8a8_kernel(w8, scale, onednn=False)
     for kernel in (fast, portable):
         for dtype, want in expected.items():
             for rows in (1, 3, 16, 70):
                 assert torch.equal(kernel(x[:rows].to(dtype)), want[:rows]), (dtype, rows)
+
+
+def test_w8a8_takes_onednn_only_where_it_is_not_slower(monkeypatch, caplog):
+    """A CPU where oneDNN's int8 linear is exact but runs its reference kernel (100x slower
+    than `torch._int_mm` on an AMD EPYC) gets `_int_mm`, and the log says why; one where it
+    is fast keeps it. The timings are stubbed: oneDNN's first, `_int_mm`'s second."""
+    monkeypatch.setattr(w8a8, "onednn_int8_exact", lambda: True)
+    for onednn_s, chosen in ((0.100, False), (0.0009, True)):
+        timings = iter([onednn_s, 0.0005])
+        monkeypatch.setattr(w8a8, "_best_seconds", lambda fn, timings=timings: next(timings))
+        w8a8.onednn_int8_fast.cache_clear()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="quant.w8a8"):
+            assert w8a8.onednn_int8_fast() is chosen
+        assert ("slow kernel" in caplog.text) is not chosen
+    w8a8.onednn_int8_fast.cache_clear()
