@@ -9,7 +9,8 @@ native decode step"). Two ways, chosen per model when the engine starts:
       int8 on the AVX-512 build) or a bf16 nn.Linear (the C file's own bf16 linear, on the
       layer's weight in place): the whole step is one C call and one OpenMP region. With
       bf16 linears only up to DENSE_FUSED_MAX_ROWS rows (where that kernel beats oneDNN's
-      GEMM), phased above; their LM head then runs on the same kernel (`logits`).
+      GEMM: 12 with AMX, 24 without), phased above; their LM head then runs on the same
+      kernel (`logits`).
   phased: any other bf16 model (nf4, ...), or more rows: per block, torch runs each
       projection (the very modules of the eager model, so the same bits) and C the
       elementwise work between them in 6 calls (norms, FAN features, RoPE, the cache
@@ -53,8 +54,10 @@ log = logging.getLogger(__name__)
 # (above that, the eager step with cascade decode is the faster one)
 FUSED_MAX_ROWS, PHASED_MAX_ROWS = 64, 32
 FUSED_SHARED_MAX_ROWS, PHASED_SHARED_MAX_ROWS = 32, 16
-# the most rows a step with bf16 linears takes fused (C's bf16 linear); phased above
-DENSE_FUSED_MAX_ROWS = 12
+# the most rows a step with bf16 linears takes fused (C's bf16 linear), phased above: the
+# kernel is GEMV-shaped, and oneDNN's bf16 GEMM overtakes it from about 16 rows on a CPU
+# with AMX tiles, from about 32 on one without (docs/ENGINE.md "bf16 linears in C")
+DENSE_FUSED_MAX_ROWS = {"amx": 12, "no amx": 24}
 DISABLE_ENV = "FANFORMER_NATIVE_STEP"  # "0": decode steps run the eager model (comparisons)
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -243,12 +246,18 @@ class NativeDecodeStep:
         layer.prenorm_ffn = int(block.prenorm_ffn)
         return layer
 
+    @staticmethod
+    def dense_fused_max_rows() -> int:
+        """DENSE_FUSED_MAX_ROWS for this CPU."""
+        return DENSE_FUSED_MAX_ROWS["amx" if "amx_bf16" in native_cpu.cpu_flags() else "no amx"]
+
     def _native_rows(self) -> int:
         """The most rows (up to FUSED_MAX_ROWS, DENSE_FUSED_MAX_ROWS with bf16 linears) at
         which every quantized layer's own policy runs its native kernel: the fused step
         computes what the eager layers would only there. Asked once here, not per step (the
         policy does not change while serving)."""
-        for rows in range(DENSE_FUSED_MAX_ROWS if self.dense else FUSED_MAX_ROWS, 0, -1):
+        most = self.dense_fused_max_rows() if self.dense else FUSED_MAX_ROWS
+        for rows in range(most, 0, -1):
             if all(m.kernel_name(rows) == "weight-only" for m in self._quantized):
                 return rows  # the policy is monotone in the row count
         return 0  # a layer runs w8a8 even at one row: no step takes this path

@@ -15,7 +15,6 @@ from quant.cli import main
 from server.engine import EngineConfig, LLMEngine
 from server.kv_cache import KVCachePool, Segment, StepAttention
 from server.native_step import (
-    DENSE_FUSED_MAX_ROWS,
     FUSED_MAX_ROWS,
     FUSED_SHARED_MAX_ROWS,
     PHASED_MAX_ROWS,
@@ -93,7 +92,8 @@ def test_matches_the_eager_model_to_bf16_rounding(case, phased):
     step = NativeDecodeStep.build(model, pool)
     assert step is not None and step.fused == (way != "phased")
     assert step.max_rows >= len(PROMPTS) and step.fused_max_rows == \
-        {"fused": FUSED_MAX_ROWS, "bf16": DENSE_FUSED_MAX_ROWS, "phased": 0}[way]
+        {"fused": FUSED_MAX_ROWS, "bf16": NativeDecodeStep.dense_fused_max_rows(),
+         "phased": 0}[way]
     if phased:  # the phased way for every model, the fused ones too
         step = NativeDecodeStep(model, pool, native_cpu.library(), fused=False)
     rows = list(range(len(PROMPTS)))
@@ -229,13 +229,13 @@ class _CountedLibrary:
 
 def test_bf16_steps_are_fused_up_to_the_dense_bound_and_phased_above():
     model = make_model("transformer-test").to(torch.bfloat16)
-    prompts = [[(5 * i + j) % 60 + 3 for j in range(3 + i % 4)]
-               for i in range(DENSE_FUSED_MAX_ROWS + 1)]
+    bound = NativeDecodeStep.dense_fused_max_rows()
+    prompts = [[(5 * i + j) % 60 + 3 for j in range(3 + i % 4)] for i in range(bound + 1)]
     pool, tables = prefilled(model, prompts)
     step = NativeDecodeStep.build(model, pool)
     step.lib = counted = _CountedLibrary(step.lib)
     phased = NativeDecodeStep(model, pool, native_cpu.library(), fused=False)
-    for n, fused_calls in ((DENSE_FUSED_MAX_ROWS, 1), (DENSE_FUSED_MAX_ROWS + 1, 1)):
+    for n, fused_calls in ((bound, 1), (bound + 1, 1)):
         rows = list(range(n))
         ours = decode(step, model, pool, tables, prompts, rows, native=True)
         assert counted.fused_calls == fused_calls
