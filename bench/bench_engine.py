@@ -138,6 +138,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
+    if args.ref_requests < 1:
+        p.error("--ref_requests must be >= 1: the table sets the engine against the reference loop")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
