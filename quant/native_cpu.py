@@ -64,14 +64,16 @@ CACHE_ENV = "FANFORMER_KERNEL_CACHE"
 PREBUILT_ENV = "FANFORMER_PREBUILT_KERNELS"  # a folder of `prebuild`'s output
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's /proc/cpuinfo flags (read once: they do not change while we run)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def cache_dir() -> Path:

@@ -403,38 +403,35 @@ static inline __attribute__((always_inline)) void dense_rows(
         }
 }
 
+/* every row times outputs n0 .. n0+NO-1 (NO a compile-time constant at each call): rows in
+ * pairs, then one */
+static inline __attribute__((always_inline)) void dense_outputs(
+    const int NO, const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t n0,
+    const uint16_t *bias, uint16_t *y, int64_t N) {
+    int64_t m0 = 0;
+    for (; m0 + DENSE_ROWS <= M; m0 += DENSE_ROWS)
+        dense_rows(DENSE_ROWS, NO, x, m0, K, w, n0, bias, y, N);
+    for (; m0 < M; m0++) dense_rows(1, NO, x, m0, K, w, n0, bias, y, N);
+}
+
 /* Up to this many rows, one output at a time: its weight row streams through in memory
- * order, which read 1.7x faster than DENSE_OUTS weight rows interleaved on an AMD EPYC (Zen
- * 4; all 85 linears of transformer-64m at 1 and 2 rows, 3.7 against 6.1-6.5 ms, 2 threads,
- * a scratch microbenchmark, 2026-12-02); above, the tile's reuse of each loaded weight
- * across rows wins (13.2 against 11.3 ms at 8 rows). The order of each sum is the same
- * both ways, so are the bits. */
+ * order, which an AMD EPYC (Zen 4) reads much faster than DENSE_OUTS weight rows
+ * interleaved (docs/ENGINE.md "bf16 linears in C"); above, the tile's reuse of each loaded
+ * weight across rows wins. Each sum is taken in the same order either way: the same bits. */
 #define DENSE_ONE_OUTPUT_ROWS 4
 
-/* the team's share of the outputs (groups of DENSE_OUTS), every row; ends with a team_sync */
+/* the team's share of the outputs (one at a time, or groups of DENSE_OUTS), every row;
+ * ends with a team_sync */
 static void dense_linear_rows(team_t *t, const uint16_t *x, int64_t M, int64_t K,
                               const uint16_t *w, const uint16_t *bias, int64_t N, uint16_t *y) {
-    if (M <= DENSE_ONE_OUTPUT_ROWS) {
-        TEAM_FOR(t, n, N) {
-            int64_t m0 = 0;
-            for (; m0 + DENSE_ROWS <= M; m0 += DENSE_ROWS)
-                dense_rows(DENSE_ROWS, 1, x, m0, K, w, n, bias, y, N);
-            for (; m0 < M; m0++) dense_rows(1, 1, x, m0, K, w, n, bias, y, N);
-        }
-        team_sync(t);
-        return;
-    }
-    TEAM_FOR(t, c, (N + DENSE_OUTS - 1) / DENSE_OUTS) {
-        const int64_t n0 = c * DENSE_OUTS;
-        if (n0 + DENSE_OUTS <= N) {
-            int64_t m0 = 0;
-            for (; m0 + DENSE_ROWS <= M; m0 += DENSE_ROWS)
-                dense_rows(DENSE_ROWS, DENSE_OUTS, x, m0, K, w, n0, bias, y, N);
-            for (; m0 < M; m0++) dense_rows(1, DENSE_OUTS, x, m0, K, w, n0, bias, y, N);
-        } else {
-            for (int64_t n = n0; n < N; n++)
-                for (int64_t m0 = 0; m0 < M; m0++) dense_rows(1, 1, x, m0, K, w, n, bias, y, N);
-        }
+    const int64_t group = M <= DENSE_ONE_OUTPUT_ROWS ? 1 : DENSE_OUTS;
+    TEAM_FOR(t, c, (N + group - 1) / group) {
+        const int64_t n0 = c * group;
+        if (group == DENSE_OUTS && n0 + DENSE_OUTS <= N)
+            dense_outputs(DENSE_OUTS, x, M, K, w, n0, bias, y, N);
+        else  /* one at a time, or the last outputs short of a group */
+            for (int64_t n = n0; n < n0 + group && n < N; n++)
+                dense_outputs(1, x, M, K, w, n, bias, y, N);
     }
     team_sync(t);
 }

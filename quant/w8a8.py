@@ -117,11 +117,11 @@ def _best_seconds(fn, repeats: int = 3) -> float:
 def onednn_int8_fast() -> bool:
     """Whether to run the w8a8 GEMM on oneDNN: exact here (`onednn_int8_exact`) and not
     slower than `torch._int_mm` on one 16 x 512 x 512 product. On some CPUs oneDNN gives the
-    right sums from its reference kernel at every shape (an AMD EPYC with AVX-512 VNNI,
-    torch 2.13: 100 ms against `_int_mm`'s 0.5 ms, `ref_int8:any` in ONEDNN_VERBOSE=1), which
-    made a 4-bit model's prefill hundreds of times slower. Both GEMMs give the same bits, so
-    this choice changes the speed only, never a token; 2x of slack keeps it from flapping
-    between runs where the two are close."""
+    right sums from its reference kernel at every shape (`ref_int8:any` in ONEDNN_VERBOSE=1;
+    docs/QUANTIZATION.md has the figures and the command), which made a 4-bit model's prefill
+    hundreds of times slower. Both GEMMs give the same bits, so this choice changes the
+    speed only, never a token; 2x of slack keeps it from flapping where the two are close.
+    Logged at INFO when oneDNN is passed over, with both timings."""
     if not onednn_int8_exact():
         return False
     g = torch.Generator().manual_seed(0)
