@@ -395,6 +395,12 @@ class NF4Linear(QuantLinear):
         lib = bnb()
         if self.out_features % 32 or self.in_features % 2:
             return None
+        has_kernel = getattr(lib.functional, "has_avx512bf16", None)
+        if has_kernel is None or not has_kernel():
+            # without AVX512-BF16, matmul_4bit reads the repacked weight as the plain
+            # layout: garbage (relative error ~1.4, seen on an AVX2 AMD EPYC); bitsandbytes'
+            # own Linear4bit repacks only where this holds
+            return None
         try:
             weight, state = lib.functional._convert_weight_packed_for_cpu(
                 self.weight.clone(), self._state())
