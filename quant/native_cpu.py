@@ -43,7 +43,8 @@ from fanformer.checkpoint import current_umask
 log = logging.getLogger(__name__)
 
 # compiled together into one library; the header is hashed into the key with them
-SOURCES = [Path(__file__).with_name(name) for name in ("native_cpu.c", "native_step.c")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("native_cpu.c", "native_step.c", "native_sample.c")]
 HEADER = Path(__file__).with_name("native_kernels.h")
 COMMON_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]
 # the builds, best first: compiler flags, and the /proc/cpuinfo flags a CPU needs for them
@@ -174,6 +175,10 @@ def load(isa: str) -> ctypes.CDLL:
     step = lib.fanformer_decode_step  # its structs: server/native_step.py
     step.restype = ctypes.c_int
     step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    draw = lib.fanformer_sample_rows
+    draw.restype = ctypes.c_int
+    draw.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                     ctypes.c_int64, *[ctypes.c_void_p] * 6, ctypes.c_int]
     phase = lib.fanformer_block_phase
     phase.restype = ctypes.c_int
     phase.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -312,6 +317,30 @@ class NativeKernel:
             x = x[:, self.perm]
         return linear(x.contiguous(), self.packed, self.scale, self.minus_zs, self.n,
                       self.group_size, self.bits)
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, min_p_floor: torch.Tensor,
+                top_p: torch.Tensor, uniform: torch.Tensor, threads: int,
+                lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's first draw (quant/native_sample.c): logits (R, V) CPU fp32 or bf16,
+    rows contiguous (a column slice of a wider tensor is fine); per row fp32 temperature,
+    min-p floor log(min_p) (-inf: off), top_p and uniform (R,) -> token ids int64 (R,) and a
+    status int8 (R,): 0 no finite weights, 1 drawn, 2 drawn outside the top-p nucleus."""
+    r, v = logits.shape
+    columns = (temperature, min_p_floor, top_p, uniform)
+    if logits.device.type != "cpu" or logits.dtype not in (torch.bfloat16, torch.float32) \
+            or logits.stride(1) != 1 or any(c.dtype != torch.float32 or c.shape != (r,)
+                                            or not c.is_contiguous() for c in columns):
+        raise ValueError("native_cpu.sample_rows: CPU fp32/bf16 logits (R, V) with unit "
+                         f"column stride and fp32 (R,) columns; got {logits.dtype} "
+                         f"{tuple(logits.shape)} stride {logits.stride()}")
+    tokens = torch.empty(r, dtype=torch.int64)
+    status = torch.empty(r, dtype=torch.int8)
+    if r and (lib or library()).fanformer_sample_rows(
+            logits.data_ptr(), int(logits.dtype == torch.bfloat16), r, v, logits.stride(0),
+            *(c.data_ptr() for c in columns), tokens.data_ptr(), status.data_ptr(), threads):
+        raise MemoryError("fanformer_sample_rows could not allocate its workspace")
+    return tokens, status
 
 
 class PagedDecode:

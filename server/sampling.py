@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from quant import native_cpu
 from server.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -30,6 +31,9 @@ _NEG_INF = float("-inf")
 # buckets per row, and only the bucket that holds the nucleus boundary is ordered exactly
 TOP_P_BUCKETS = 2048
 TOP_P_SPAN = 40.0  # nats; exp(-40) = 4e-18
+# batches of up to this many logits take the native first draw on one thread: waking
+# torch's second OpenMP thread (PASSIVE) costs more than it saves there
+NATIVE_SINGLE_THREAD_MAX = 1 << 17
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
@@ -136,16 +140,31 @@ def _edit_logits(x: torch.Tensor, requests: list[Request]) -> None:
 def _draw(x: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature, top-k, min-p, then top-p by rejection, as `sample_next` does one row at
-    a time: x (S, V) fp32, uniforms (S, 2) -> token ids (S,) and whether each row had finite
-    weights to draw from (NaN logits would otherwise pick an id past the end).
+    a time: x (S, V) fp32 or bf16, uniforms (S, 2) -> token ids (S,) and whether each row
+    had finite weights to draw from (NaN logits would otherwise pick an id past the end).
 
     Every row draws from its top-k/min-p distribution with its first uniform; only the rows
     whose token falls outside their nucleus (about 1 - top_p of them) compute the nucleus
     and draw again from it with their second uniform. So a typical step makes a handful of
-    passes over the logits instead of ordering any of them.
+    passes over the logits instead of ordering any of them. On CPU with the native kernels
+    the first draw is one C call for the batch (quant/native_sample.c); the few redrawn
+    rows take the torch path below either way.
     """
+    first = _native_first_draw(x, params, uniforms[:, 0])
+    if first is None:
+        first = _first_draw(x, params, uniforms[:, 0])
+    tokens, valid, missed = first
+    if bool(missed.any()):
+        redo = missed.nonzero()[:, 0]
+        tokens[redo] = _nucleus_draw(x[redo], [params[i] for i in redo.tolist()],
+                                     uniforms[redo, 1])
+    return tokens, valid
+
+
+def _scaled(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """x (S, V) -> a new fp32 (S, V): over each row's temperature, its top-k applied (-inf
+    below the k-th logit; bf16 logits are widened exactly first)."""
     vocab, device = x.shape[1], x.device
-    # a new fp32 tensor (bf16 logits are widened exactly first), the sampler's own to edit
     x = torch.div(x, _column([p.temperature for p in params], device))
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if any(top_k):
@@ -153,30 +172,67 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor
         kth = values.gather(1, torch.tensor([max(k, 1) - 1 for k in top_k], device=device)[:, None])
         kth = torch.where(_column(top_k, device) > 0, kth, _NEG_INF)
         x.masked_fill_(x < kth, _NEG_INF)
+    return x
+
+
+def _filtered(x: torch.Tensor, params: list[SamplingParams]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (S, V) -> the scaled logits (S, V), their maxima (S, 1), the top-k distribution's
+    weights exp(x - max) (S, V; the top weighs 1) and those min-p keeps (S, V)."""
+    x = _scaled(x, params)
     top = x.amax(-1, keepdim=True)  # (S, 1): every filter keeps the top token
-    weights = torch.sub(x, top).exp_()  # (S, V): the top-k distribution, the top weighs 1
+    weights = torch.sub(x, top).exp_()
     kept = weights
     if any(p.min_p > 0 for p in params):  # p_i < min_p * p_max <=> x_i < x_max + log(min_p)
-        floor = _column([math.log(p.min_p) if p.min_p > 0 else _NEG_INF for p in params],
-                        device)
-        kept = weights.masked_fill(x < top + floor, 0.0)
-    tokens, valid = _inverse_cdf(kept, uniforms[:, 0])
-    nucleus = [i for i, p in enumerate(params) if p.top_p < 1]
-    if nucleus:
-        rows = torch.tensor(nucleus, device=device)
-        top_p = _column([params[i].top_p for i in nucleus], device)  # (P, 1)
-        every = len(nucleus) == len(params)
-        sub = weights if every else weights[rows]  # (P, V)
-        w = sub.gather(1, (tokens if every else tokens[rows])[:, None])  # (P, 1) drawn
-        above = _sum_above(sub, w)  # (P, 1): the weight of the tokens likelier than it
-        missed = ((w < 1) & (above >= top_p * sub.sum(-1, keepdim=True)))[:, 0]
-        if bool(missed.any()):
-            redo = rows[missed]
-            xr = x[redo]
-            threshold = _top_p_threshold(xr, weights[redo], top[redo], top_p[missed])
-            inside = kept[redo].masked_fill_(xr < threshold, 0.0)
-            tokens[redo], _ = _inverse_cdf(inside, uniforms[redo, 1])
-    return tokens, valid
+        kept = weights.masked_fill(x < top + _min_p_floor(params, x.device)[:, None], 0.0)
+    return x, top, weights, kept
+
+
+def _min_p_floor(params: list[SamplingParams], device: torch.device) -> torch.Tensor:
+    """(S,) fp32: log(min_p) per row, -inf where min-p is off."""
+    return torch.tensor([math.log(p.min_p) if p.min_p > 0 else _NEG_INF for p in params],
+                        device=device)
+
+
+def _first_draw(x: torch.Tensor, params: list[SamplingParams], uniform: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first draw in torch: x (S, V), uniform (S,) -> tokens (S,), valid (S,) and
+    whether each token lies outside its row's top-p nucleus (S,)."""
+    x, _, weights, kept = _filtered(x, params)
+    tokens, valid = _inverse_cdf(kept, uniform)
+    top_p = _column([p.top_p for p in params], x.device)  # (S, 1)
+    w = weights.gather(1, tokens[:, None])  # (S, 1): the drawn token's weight
+    above = _sum_above(weights, w)  # (S, 1): the weight of the tokens likelier than it
+    missed = (top_p < 1) & (w < 1) & (above >= top_p * weights.sum(-1, keepdim=True))
+    return tokens, valid, missed[:, 0]
+
+
+def _native_first_draw(x: torch.Tensor, params: list[SamplingParams], uniform: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The same first draw in one C call (quant/native_sample.c), or None where the native
+    kernels do not run (not CPU, not built here, or turned off)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or \
+            native_cpu.library() is None:
+        return None
+    rows, vocab = x.shape
+    temperature = torch.tensor([p.temperature for p in params])
+    if any(0 < p.top_k < vocab for p in params):  # top-k in torch, then x / 1 = x in C
+        x, temperature = _scaled(x, params), torch.ones(rows)
+    threads = 1 if rows * vocab <= NATIVE_SINGLE_THREAD_MAX else torch.get_num_threads()
+    tokens, status = native_cpu.sample_rows(
+        x, temperature, _min_p_floor(params, x.device), torch.tensor([p.top_p for p in params]),
+        uniform.contiguous(), threads)
+    return tokens, status != 0, status == 2
+
+
+def _nucleus_draw(x: torch.Tensor, params: list[SamplingParams], uniform: torch.Tensor
+                  ) -> torch.Tensor:
+    """The second draw of the rows that missed their nucleus: x (P, V) as `_draw` got it,
+    uniform (P,) -> tokens (P,) from each row's top-p nucleus (after top-k and min-p)."""
+    x, top, weights, kept = _filtered(x, params)
+    top_p = _column([p.top_p for p in params], x.device)
+    threshold = _top_p_threshold(x, weights, top, top_p)
+    return _inverse_cdf(kept.masked_fill(x < threshold, 0.0), uniform)[0]
 
 
 def _sum_above(weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""SamplingParams validation messages and the batched sampler's filters and penalties."""
+"""SamplingParams validation messages and the batched sampler's filters and penalties; each
+sampler test runs twice, with the first draw in C (quant/native_sample.c) and in torch."""
 
 from __future__ import annotations
 
@@ -7,10 +8,22 @@ import torch
 
 import server.sampling
 from fanformer.generate import sample_next
+from quant import native_cpu
 from server.request import Request
 from server.sampling import SamplingParams, sample, top_logprobs
 
 VOCAB = 8
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def first_draw(request, monkeypatch):
+    """Which first draw `sample` takes: the native kernel's, or torch's (as on a GPU or
+    where the kernels cannot be built)."""
+    if request.param == "native" and native_cpu.library() is None:
+        pytest.skip("the native CPU kernels do not run here")
+    if request.param == "torch":
+        monkeypatch.setattr(server.sampling, "_native_first_draw", lambda *args: None)
+    return request.param
 
 
 def state(params: SamplingParams, output_ids=(), prompt_ids=(0,), eos=None) -> Request:
@@ -235,3 +248,4 @@ def test_sum_above_is_the_masked_sum_bit_for_bit():
     assert torch.equal(_sum_above(weights, w), expected)
     assert torch.equal(_sum_above(weights, torch.zeros(8, 1)),
                        torch.where(weights > 0, weights, 0.0).sum(-1, keepdim=True))
+
