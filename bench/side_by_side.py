@@ -12,7 +12,7 @@ bf16 against f16 and our rtn 4-bit g128 (int8 LM head) against q4_0, all on the 
 Llama shape (`transformer-64m`, random weights); plus the linear-only ceiling, right before
 and right after each of our bf16 1-stream points: the time of just one decode step's
 nn.Linear matmuls at batch 1 in bf16 (through the engine's one-row kernel,
-server/single_row.py), in this process, on the same checkpoint and on the thread count the
+server/cpu_linear.py), in this process, on the same checkpoint and on the thread count the
 engine uses for a 1-token step; the stream is judged against the mean of the two.
 
 Each round and pair starts both servers fresh, warms both at the largest stream count, then
@@ -293,7 +293,7 @@ class LinearCeiling:
     """Tokens/s if a batch-1 decode step were nothing but its nn.Linear matmuls (bf16,
     weights streamed from memory as in a real step, through the kernel the engine runs them
     on at one row: the native step's C bf16 linear where that step runs, else torch's
-    one-row kernel, server/single_row.py), on the engine's thread count there:
+    one-row kernel, server/cpu_linear.py), on the engine's thread count there:
     bench/step_profile.py's `LinearsAlone` at one row. Measured right before and right
     after each of our bf16 1-stream points, not once a round: this machine's memory speed
     drifts within minutes (the same loop took 9.5 and 20.0 ms/step in two rounds of one
@@ -303,10 +303,10 @@ class LinearCeiling:
     def __init__(self, checkpoint: Path):
         from step_profile import LinearsAlone, native_linears
 
-        from server.single_row import use_mv_for_single_rows
+        from server.cpu_linear import use_cpu_linears
 
         model, _ = load_checkpoint(checkpoint, dtype=torch.bfloat16)
-        use_mv_for_single_rows(model)  # the one-row kernel the engine runs them with
+        use_cpu_linears(model)  # the one-row kernel the engine runs them with
         self.loop = LinearsAlone(model, 1, torch.bfloat16, native_linears(model, 1))
 
     def measure(self, steps: int = 32, repeats: int = 5) -> dict:

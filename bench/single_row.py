@@ -21,18 +21,18 @@ from step_profile import profile
 from torch import nn
 
 import server.engine as engine_module
-from server.single_row import SingleRowLinear, use_mv_for_single_rows
+from server.cpu_linear import CPULinear, use_cpu_linears
 
 
 def set_kernel(model: nn.Module, mv: bool) -> None:
     """mv: the engine's conversion (as it runs it); else plain nn.Linear, and the engines
     that `profile` builds are kept from converting the model back."""
     for m in model.modules():
-        if type(m) is SingleRowLinear:
+        if type(m) is CPULinear:
             m.__class__ = nn.Linear
-    engine_module.use_mv_for_single_rows = use_mv_for_single_rows if mv else (lambda _: 0)
+    engine_module.use_cpu_linears = use_cpu_linears if mv else (lambda *_: 0)
     if mv:
-        use_mv_for_single_rows(model)
+        use_cpu_linears(model)
 
 
 def main() -> None:

@@ -102,7 +102,7 @@ def profile(model, batch: int, mode: str, steps: int, fp32_logits: bool = False,
                                                              dtype=dtype))
     params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, seed=0, **MODES[mode])
     start_decoding(engine, batch, params)
-    # after the engine's start: its one-row modules (server/single_row.py) are the ones run
+    # after the engine's start: its bf16 CPU linears (server/cpu_linear.py) are the ones run
     step = engine.native_step
     native = step is not None and step.fused and step.dense and batch <= step.fused_max_rows
     linears = LinearsAlone(model, batch, getattr(torch, dtype), native)

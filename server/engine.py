@@ -22,6 +22,7 @@ from torch import nn
 
 from fanformer.tokenizer import Tokenizer
 from server.block_pool import BlockPool
+from server.cpu_linear import use_cpu_linears
 from server.detokenizer import IncrementalDetokenizer
 from server.kv_cache import KVCachePool, Segment, StepAttention, to_device
 from server.native_step import NativeDecodeStep
@@ -37,7 +38,6 @@ from server.outputs import (  # noqa: F401 - the engine's errors, importable fro
 from server.request import Request
 from server.sampling import SamplingParams, sample, top_logprobs
 from server.scheduler import Scheduler, SchedulerPlan
-from server.single_row import use_mv_for_single_rows
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class LLMEngine:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if hasattr(self.model, "reset_buffers"):
             self.model.reset_buffers(self.device)  # the RoPE table stays fp32
-        use_mv_for_single_rows(self.model)  # a lone decoding stream's GEMVs (bf16, CPU)
+        use_cpu_linears(self.model, config.batch_invariant)  # bf16 CPU linears: GEMV, fp32
         bs = config.block_size
         num_blocks = config.max_num_seqs * -(-self.max_model_len // bs)
         if config.kv_cache_gib is not None:

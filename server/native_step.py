@@ -44,8 +44,8 @@ from fanformer.layers import CoLALinear
 from fanformer.model import FANformer
 from quant import native_cpu
 from quant.layers import QuantLinear
+from server.cpu_linear import CPULinear
 from server.kv_cache import KVCachePool, Segment, StepAttention, shared_prefix
-from server.single_row import SingleRowLinear
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class NativeDecodeStep:
         return t.data_ptr()
 
     def _linear(self, module: nn.Module, widths: list[int]) -> _Linear:
-        if type(module) in (nn.Linear, SingleRowLinear):
+        if type(module) in (nn.Linear, CPULinear):
             return self._dense(module, widths)
         if not isinstance(module, QuantLinear):
             raise Unsupported(f"a {type(module).__name__} projection is not quantized")
@@ -309,7 +309,7 @@ class NativeDecodeStep:
         sleeping worker for torch's GEMV, and a faster GEMV), else the model's own head."""
         head = self.model.lm_head
         if self.fused and self.dense and h.shape[0] <= self.fused_max_rows and \
-                type(head) in (nn.Linear, SingleRowLinear) and head.weight.dtype == torch.bfloat16 \
+                type(head) in (nn.Linear, CPULinear) and head.weight.dtype == torch.bfloat16 \
                 and head.in_features % 16 == 0 and head.weight.is_contiguous():
             return native_cpu.bf16_linear(h.contiguous(), head.weight, head.bias, lib=self.lib)
         return head(h)
@@ -354,7 +354,7 @@ class NativeDecodeStep:
 
 def _into(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
     """out <- module(x) with the module's own bits (in place for a one-row GEMV)."""
-    if isinstance(module, SingleRowLinear):
+    if isinstance(module, CPULinear):
         module.forward_into(x, out)
     else:
         out.copy_(module(x))

@@ -1,5 +1,6 @@
-"""server/single_row.py: a one-row bf16 linear through torch.mv gives the bits that row gets
-inside a batch, and the engine's conversion leaves everything else as it was."""
+"""server/cpu_linear.py: a one-row bf16 linear through torch.mv gives the bits that row gets
+inside a batch, many rows in fp32 chunks give F.linear's result to bf16 rounding, and the
+engine's conversion leaves everything else as it was."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.cpu_linear import FP32_GEMM_MIN_ROWS, CPULinear, use_cpu_linears
 from server.engine import EngineConfig, LLMEngine
 from server.sampling import SamplingParams
-from server.single_row import SingleRowLinear, use_mv_for_single_rows
 from tests.conftest import make_model
 
 # (in, out) of the presets' bias-free linears: tiny's CoLA factors, tiny's full-rank layers
@@ -30,8 +31,8 @@ def test_one_row_equals_the_row_in_a_batch(shape, threads):
         layer = nn.Linear(k, n, bias=False).to(torch.bfloat16)
         batch = torch.randn(9, k, dtype=torch.bfloat16)  # (9, K)
         expected = F.linear(batch, layer.weight)  # (9, N)
-        use_mv_for_single_rows(layer)
-        assert type(layer) is SingleRowLinear
+        use_cpu_linears(layer)
+        assert type(layer) is CPULinear
         for row in (0, 4, 8):
             alone = layer(batch[row: row + 1][None])  # (1, 1, K) -> (1, 1, N): the engine's shape
             assert alone.shape == (1, 1, n)
@@ -47,12 +48,12 @@ def test_only_bias_free_bf16_cpu_linears_change_and_the_state_dict_does_not():
     model[0].to(torch.bfloat16)
     model[1].to(torch.bfloat16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert use_mv_for_single_rows(model) == 1
-    assert [type(m) for m in model] == [SingleRowLinear, nn.Linear, nn.Linear]
+    assert use_cpu_linears(model) == 1
+    assert [type(m) for m in model] == [CPULinear, nn.Linear, nn.Linear]
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert use_mv_for_single_rows(model) == 0  # idempotent
+    assert use_cpu_linears(model) == 0  # idempotent
 
 
 def test_engine_tokens_do_not_change_with_the_gemv_path(tokenizer):
@@ -65,10 +66,10 @@ def test_engine_tokens_do_not_change_with_the_gemv_path(tokenizer):
         engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, dtype="bfloat16"))
         if name == "linear":  # undo the conversion: the plain nn.Linear path
             for module in engine.model.modules():
-                if type(module) is SingleRowLinear:
+                if type(module) is CPULinear:
                     module.__class__ = nn.Linear
         else:
-            assert any(type(m) is SingleRowLinear for m in engine.model.modules())
+            assert any(type(m) is CPULinear for m in engine.model.modules())
         engine.add_request("r", prompt, params)
         out = []
         while engine.has_unfinished():
@@ -85,9 +86,44 @@ def test_forward_into_writes_what_forward_returns(rows):
     the same bits as the call, one row (in place through torch.mv) or more."""
     torch.manual_seed(0)
     layer = nn.Linear(512, 1536, bias=False).to(torch.bfloat16)
-    layer.__class__ = SingleRowLinear
+    layer.__class__ = CPULinear
     x = torch.randn(rows, 512, dtype=torch.bfloat16)
     out = torch.full((rows, 1536), float("nan"), dtype=torch.bfloat16)
     with torch.inference_mode():  # as the engine runs it (mv's out= takes no autograd)
         layer.forward_into(x, out)
         assert torch.equal(out, layer(x))
+
+
+@pytest.mark.parametrize("shape", [(512, 1536), (256, 2500), (2048, 512)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_fp32_chunks_give_the_fp32_product_rounded_once(shape):
+    """Many rows where torch has no bf16 GEMM: fp32 sums over chunks of outputs (2500
+    outputs of 256 inputs: two whole chunks and a short one), rounded to bf16 once, so
+    within one bf16 rounding of the exact product; under autograd, F.linear as before."""
+    k, n = shape
+    torch.manual_seed(n)
+    layer = nn.Linear(k, n, bias=False).to(torch.bfloat16)
+    use_cpu_linears(layer)
+    layer.fp32_min_rows = 16
+    x = torch.randn(2, 20, k, dtype=torch.bfloat16)  # (B, T, K): 40 rows
+    exact = x.double() @ layer.weight.double().T  # (2, 20, N)
+    with torch.inference_mode():
+        y = layer(x)
+    assert y.shape == (2, 20, n) and y.dtype == torch.bfloat16
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+    with torch.enable_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight))
+    with torch.inference_mode():  # fewer rows than the bound: F.linear
+        assert torch.equal(layer(x[0, :15]), F.linear(x[0, :15], layer.weight))
+
+
+@pytest.mark.parametrize("slow,batch_invariant,expected", [
+    (True, False, FP32_GEMM_MIN_ROWS), (True, True, None), (False, False, None)])
+def test_fp32_rows_only_without_a_bf16_gemm_and_not_batch_invariant(
+        monkeypatch, slow, batch_invariant, expected):
+    import server.cpu_linear
+
+    monkeypatch.setattr(server.cpu_linear, "bf16_gemm_is_slow", lambda: slow)
+    layer = nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+    assert use_cpu_linears(layer, batch_invariant) == 1
+    assert layer.fp32_min_rows == expected
