@@ -86,6 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="our server only, even where the anchors exist")
     p.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "anchors",
                    help="the anchors folder (setup.sh, load.py, bin/llama-server)")
+    p.add_argument("--llama-server", "--llama_server", type=Path, dest="llama_server",
+                   default=None,
+                   help="a llama-server binary instead of the anchors' bin/ one (which is built "
+                        "for AVX-512: it prints --version on an AVX2 CPU, then dies of an "
+                        "illegal instruction when it computes); build one as setup.sh does")
     p.add_argument("--anchors-work", "--anchors_work", type=Path, dest="anchors_work",
                    default=Path.home() / ".cache" / "fanformer-anchors",
                    help="where setup.sh writes the GGUFs (its ANCHORS_WORK)")
@@ -178,7 +183,7 @@ def find_llama(args) -> tuple[Path | None, str]:
     setup = args.anchors / "setup.sh"
     if not setup.is_file():
         return None, f"{args.anchors} has no setup.sh (anchors absent)"
-    server = args.anchors / "bin" / "llama-server"
+    server = args.llama_server or args.anchors / "bin" / "llama-server"
     ready = all((args.anchors_work / "gguf" / g).is_file() for g in GGUF.values()) and \
         server.is_file() and subprocess.run([server, "--version"],
                                             capture_output=True).returncode == 0

@@ -11,6 +11,7 @@ import torch
 from fanformer.config import ModelConfig
 from fanformer.model import FANformer
 from fanformer.tokenizer import Tokenizer
+from quant import native_cpu
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -26,6 +27,16 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 def device(request) -> str:
     """"cpu" or "cuda": build the model, the reference and the engine on it."""
     return request.param
+
+
+@pytest.fixture(params=list(native_cpu.ISAS))
+def native_build(request):
+    """Each build of the native CPU kernels (quant/native_cpu.py) that this CPU runs, loaded
+    (an AVX-512 machine runs both); skipped where it does not run."""
+    if not native_cpu.ISAS[request.param][1] <= native_cpu.cpu_flags() or \
+            native_cpu.library() is None:
+        pytest.skip(f"the {request.param} build does not run here")
+    return native_cpu.load(request.param)
 
 
 @pytest.fixture(scope="session")

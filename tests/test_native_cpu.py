@@ -18,13 +18,10 @@ needs_kernel = pytest.mark.skipif(native_cpu.library() is None,
                                   reason="the native kernel does not run here")
 
 
-@pytest.fixture(params=list(native_cpu.ISAS))
-def lib(request):
-    """Each build this CPU runs (an AVX-512 machine runs both)."""
-    if not native_cpu.ISAS[request.param][1] <= native_cpu.cpu_flags() or \
-            native_cpu.library() is None:
-        pytest.skip(f"the {request.param} build does not run here")
-    return native_cpu.load(request.param)
+@pytest.fixture
+def lib(native_build):
+    """Each build this CPU runs (tests/conftest.py)."""
+    return native_build
 
 
 def reference(x: torch.Tensor, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,

@@ -14,15 +14,6 @@ KINDS = [dict(temperature=0.8, top_p=0.95), dict(temperature=1.3), dict(top_p=0.
          dict(temperature=0.7, min_p=0.05, top_p=0.9), dict(temperature=0.2, top_p=0.99)]
 
 
-@pytest.fixture(params=list(native_cpu.ISAS))
-def lib(request):
-    """Each build this CPU runs (an AVX-512 machine runs both)."""
-    if not native_cpu.ISAS[request.param][1] <= native_cpu.cpu_flags() or \
-            native_cpu.library() is None:
-        pytest.skip(f"the {request.param} build does not run here")
-    return native_cpu.load(request.param)
-
-
 def draw_inputs(rows: int, vocab: int, dtype: torch.dtype, seed: int):
     """Logits (rows, vocab), a column slice of a wider tensor, flat to peaked rows; params
     of every kind; first uniforms."""
@@ -42,7 +33,7 @@ def native(lib, logits, params, u, threads):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [5, 300, 4097])
-def test_the_native_first_draw_is_torchs(lib, dtype, vocab):
+def test_the_native_first_draw_is_torchs(native_build, dtype, vocab):
     """400 rows of every kind (a vocabulary that is not a multiple of the kernel's 8 lanes
     or 256-token chunks; NaN, +inf and all -inf rows), its own exp and sum order: torch's
     tokens, validity and misses."""
@@ -51,6 +42,7 @@ def test_the_native_first_draw_is_torchs(lib, dtype, vocab):
     logits[4, 2] = float("inf")
     logits[5] = float("-inf")
     theirs = _first_draw(logits, params, u)
+    lib = native_build
     for threads in (1, 2):
         ours = native(lib, logits, params, u, threads)
         assert torch.equal(ours[1], theirs[1]) and torch.equal(ours[2], theirs[2])
