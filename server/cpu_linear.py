@@ -25,9 +25,13 @@ hand); layers with a bias keep `F.linear` (a fused bias add may round differentl
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 FP32_GEMM_MIN_ROWS = 16  # below, torch's bf16 loop is as fast (8 rows) or faster
 FP32_CHUNK_ELEMENTS = 1 << 18  # weights per fp32 chunk: 1 MiB
@@ -62,15 +66,15 @@ class CPULinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def _fp32_chunks(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) bf16 -> (M, N) bf16: y.T is built chunk of outputs by chunk, each chunk's
-        weights (C, K) converted to fp32 right before its GEMM."""
+        """x (M, K) bf16 -> (M, N) bf16, built chunk of outputs by chunk, each chunk's
+        weights (C, K) converted to fp32 right before its GEMM writes columns of y."""
         n, k = self.weight.shape
         chunk = max(16, FP32_CHUNK_ELEMENTS // k)
-        xt = x.T.float()  # (K, M)
-        yt = torch.empty(n, x.shape[0], device=x.device)  # (N, M) fp32
-        for n0 in range(0, n, chunk):
-            torch.mm(self.weight[n0:n0 + chunk].float(), xt, out=yt[n0:n0 + chunk])
-        return yt.T.to(x.dtype)
+        xf = x.float()  # (M, K)
+        y = torch.empty(x.shape[0], n, device=x.device)  # (M, N) fp32
+        for n0 in range(0, n, chunk):  # a column slice is a BLAS matrix (row stride N)
+            torch.mm(xf, self.weight[n0:n0 + chunk].float().T, out=y[:, n0:n0 + chunk])
+        return y.to(x.dtype)
 
     def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """out <- self(x), the same bits; a one-row x is written in place, without the
@@ -95,4 +99,7 @@ def use_cpu_linears(model: nn.Module, batch_invariant: bool = False) -> int:
             count += type(module) is nn.Linear
             module.__class__ = CPULinear
             module.fp32_min_rows = fp32_min_rows
+    if count and fp32_min_rows is not None:
+        log.info("bf16 linears: torch has no bf16 GEMM on this CPU (no AVX-512), so those of "
+                 "%d+ rows run fp32 GEMMs over weight chunks", fp32_min_rows)
     return count
