@@ -27,6 +27,10 @@ alone and in a crowd (numbers in docs/QUANTIZATION.md):
       nf4 weights requantized once), then the row and channel scales. Integer sums are
       exact, so a row's result cannot depend on the others by construction (the GEMM:
       quant/w8a8.py).
+  where the CPU's int8 GEMM is slower than its fp32 one (`int8_gemm_fast`: no VNNI, so
+      torch._int_mm is a plain loop, 26x slower than fp32 on an AVX2 AMD EPYC), layers with
+      a weight-only kernel run it at every row count (the native AVX2 4-bit kernel at 64
+      rows: 0.3-1.1 ms against 15-65 ms for w8a8 there), batch-invariant as well.
   other devices (CUDA): the readable reference, dequantized once into x's dtype and
       cached, then `F.linear`; `dequantize()` is also what the tests compare against.
 
@@ -45,7 +49,7 @@ from torch import nn
 
 from quant import native_cpu
 from quant.packing import unpack_awq, unpack_gptq
-from quant.w8a8 import activation_qmax, per_channel_int8, w8a8_kernel
+from quant.w8a8 import activation_qmax, int8_gemm_fast, per_channel_int8, w8a8_kernel
 
 # The kernel policy, read per call, so benchmarks may change it between runs (never while
 # serving: a request's numerics would change mid-stream); `weight_only_everywhere()` below
@@ -120,9 +124,12 @@ class QuantLinear(nn.Module):
         """'weight-only' or 'w8a8': what this layer runs on CPU for an input of `rows` rows.
         Weight-only (where the format has a kernel) while rows x weights is within
         `weight_only_budget()`; with batch_invariant, at every row count for layers on the
-        native kernel or under W8A8_MIN_WEIGHTS weights; else w8a8."""
+        native kernel or under W8A8_MIN_WEIGHTS weights; else w8a8. Where the CPU's int8
+        GEMM is slower than fp32 (`int8_gemm_fast`), weight-only at every row count."""
         budget = self.weight_only_budget()
         weights = self.in_features * self.out_features
+        if budget > 0 and not int8_gemm_fast():  # w8a8 would be the slow one at any size
+            return "weight-only"
         if self.batch_invariant:  # the native kernel is fast enough at every row count
             weight_only = budget > 0 and (self.runs_native() or weights < W8A8_MIN_WEIGHTS)
         else:

@@ -138,6 +138,31 @@ def onednn_int8_fast() -> bool:
     return fast
 
 
+@functools.cache
+def int8_gemm_fast() -> bool:
+    """Whether this CPU's w8a8 GEMM (`w8a8_kernel`'s choice) is at least as fast as an fp32
+    GEMM of the same shape, 64 x 512 x 512. Where it is not (no VNNI: torch._int_mm is then
+    a plain loop, 20-50x slower than the fp32 GEMM on an AVX2 AMD EPYC), quant/layers.py
+    runs its weight-only kernels at every row count instead. Logged at INFO when slow."""
+    g = torch.Generator().manual_seed(0)
+    w8 = torch.randint(-127, 128, (512, 512), generator=g, dtype=torch.int8)
+    q = torch.randint(-127, 128, (64, 512), generator=g, dtype=torch.int8)
+    if onednn_int8_fast():
+        sums = _onednn_int8_sums(w8)
+        int8_s = _best_seconds(lambda: sums(q))
+    else:
+        w8t = w8.T.contiguous()
+        int8_s = _best_seconds(lambda: torch._int_mm(q, w8t))
+    qf, wf = q.float(), w8.T.float().contiguous()
+    fp32_s = _best_seconds(lambda: torch.mm(qf, wf))
+    fast = int8_s <= fp32_s
+    log.log(logging.DEBUG if fast else logging.INFO,
+            "w8a8 GEMM %s (int8 %.3f ms, fp32 %.3f ms on 64 x 512 x 512)",
+            "fast" if fast else "slow on this CPU: quantized layers run their weight-only "
+            "kernels at every row count", int8_s * 1e3, fp32_s * 1e3)
+    return fast
+
+
 def w8a8_kernel(w8: torch.Tensor, w_scale: torch.Tensor, qmax: int = 127,
                 onednn: bool | None = None):
     """A callable x (M, K) -> fp32 (M, N) computing `w8a8_linear` with the int8 weights w8

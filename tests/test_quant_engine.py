@@ -49,6 +49,7 @@ def quantized(request, tmp_path_factory, checkpoint):
                  *FAST, *extra]) == 0
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(qlayers, "W8A8_MIN_WEIGHTS", threshold)
+        patch.setattr(qlayers, "int8_gemm_fast", lambda: True)  # the case's kernel family
         if not native:
             patch.setattr(native_cpu, "library", lambda: None)
         # the reference loop runs the layers directly: the same one-kernel policy as the

@@ -124,6 +124,7 @@ def kernel(request, monkeypatch):
     else:
         monkeypatch.setattr(native_cpu, "library", lambda: None)
     monkeypatch.setattr(qlayers, "W8A8_MIN_WEIGHTS", 0 if request.param == "w8a8" else 1 << 40)
+    monkeypatch.setattr(qlayers, "int8_gemm_fast", lambda: True)  # w8a8 taken where asked
     monkeypatch.setattr(qlayers.QuantLinear, "batch_invariant", True)
     return request.param
 
@@ -150,6 +151,7 @@ def test_kernel_follows_the_work_of_the_call_unless_batch_invariant(monkeypatch)
     (3-bit GPTQ has no weight-only kernel: always w8a8). With batch_invariant, one kernel
     at every row count: the native kernel, else weight-only under W8A8_MIN_WEIGHTS
     weights, w8a8 from there."""
+    monkeypatch.setattr(qlayers, "int8_gemm_fast", lambda: True)  # (the next test: False)
     head = gptq_layer(rtn_quantize(_weight(1024, 256), 4, 64), None, 4, 64)  # 2^18 weights
     native = native_cpu.library() is not None
     # no weight-only kernel: 3-bit GPTQ; nf4 where bitsandbytes' fused one does not run
@@ -183,6 +185,18 @@ def test_kernel_follows_the_work_of_the_call_unless_batch_invariant(monkeypatch)
     with qlayers.weight_only_everywhere():
         assert head.kernel_name(4096) == "weight-only"
     assert policy() == before
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_weight_only_at_every_row_count_where_int8_gemm_is_slow(monkeypatch, batch_invariant):
+    """Without a fast int8 GEMM (no VNNI: torch._int_mm is a plain loop), every layer with a
+    weight-only kernel runs it at any row count; the others keep w8a8."""
+    monkeypatch.setattr(qlayers, "int8_gemm_fast", lambda: False)
+    for name, layer in _layers():
+        monkeypatch.setattr(layer, "batch_invariant", batch_invariant)
+        has_kernel = layer._kernel("weight-only") is not None
+        expected = {"weight-only" if has_kernel else "w8a8"}
+        assert {layer.kernel_name(r) for r in (1, 64, 1 << 22)} == expected, name
 
 
 def _int4_head():
