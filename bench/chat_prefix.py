@@ -64,7 +64,7 @@ from side_by_side import (
     ANCHOR_PRESET,
     GGUF,
     LLAMA_FLAGS,
-    ROOT,
+    add_anchor_args,
     build_checkpoints,
     find_llama,
     machine,
@@ -104,10 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra fanformer-serve flags for both arms of ours, one string "
                         "(give it with '=': --ours-flags='--max_num_batched_tokens 2048'); "
                         "default: none, the server's defaults")
-    p.add_argument("--no-llama", "--no_llama", action="store_true", dest="no_llama")
-    p.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "anchors")
-    p.add_argument("--anchors-work", "--anchors_work", type=Path, dest="anchors_work",
-                   default=Path.home() / ".cache" / "fanformer-anchors")
+    add_anchor_args(p)
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fanformer-bench",
                    help="built checkpoints and server logs")
     p.add_argument("--out", type=Path, default=None,

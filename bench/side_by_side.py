@@ -82,18 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--models", nargs="+", default=[ANCHOR_PRESET, "fanformer-92m"],
                    help=f"presets with random weights; only {ANCHOR_PRESET} has an anchor")
-    p.add_argument("--no-llama", "--no_llama", action="store_true", dest="no_llama",
-                   help="our server only, even where the anchors exist")
-    p.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "anchors",
-                   help="the anchors folder (setup.sh, load.py, bin/llama-server)")
-    p.add_argument("--llama-server", "--llama_server", type=Path, dest="llama_server",
-                   default=None,
-                   help="a llama-server binary instead of the anchors' bin/ one (which is built "
-                        "for AVX-512: it prints --version on an AVX2 CPU, then dies of an "
-                        "illegal instruction when it computes); build one as setup.sh does")
-    p.add_argument("--anchors-work", "--anchors_work", type=Path, dest="anchors_work",
-                   default=Path.home() / ".cache" / "fanformer-anchors",
-                   help="where setup.sh writes the GGUFs (its ANCHORS_WORK)")
+    add_anchor_args(p)
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fanformer-bench",
                    help="built checkpoints and server logs")
     p.add_argument("--out", type=Path, default=None,
@@ -175,6 +164,22 @@ def run_checked(cmd: list[str], what: str, **kw) -> str:
 
 
 # ---- the anchor ----
+def add_anchor_args(p: argparse.ArgumentParser) -> None:
+    """The llama-server anchor's flags (this bench's and chat_prefix's)."""
+    p.add_argument("--no-llama", "--no_llama", action="store_true", dest="no_llama",
+                   help="our server only, even where the anchors exist")
+    p.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "anchors",
+                   help="the anchors folder (setup.sh, load.py, bin/llama-server)")
+    p.add_argument("--llama-server", "--llama_server", type=Path, dest="llama_server",
+                   default=None,
+                   help="a llama-server binary instead of the anchors' bin/ one (which is built "
+                        "for AVX-512: it prints --version on an AVX2 CPU, then dies of an "
+                        "illegal instruction when it computes); build one as setup.sh does")
+    p.add_argument("--anchors-work", "--anchors_work", type=Path, dest="anchors_work",
+                   default=Path.home() / ".cache" / "fanformer-anchors",
+                   help="where setup.sh writes the GGUFs (its ANCHORS_WORK)")
+
+
 def find_llama(args) -> tuple[Path | None, str]:
     """(llama-server path, "") when usable, else (None, why the llama rows are skipped).
     Runs the anchors' setup.sh (about a minute) when the GGUFs are missing."""
