@@ -347,9 +347,9 @@ static inline float lanes_sum(lanes16_t v) {
     __m256 lo = _mm512_castps512_ps256(v);
     __m256 hi = _mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(v), 1));
     __m256 s8 = _mm256_add_ps(lo, hi);  /* j + (j + 8) */
-#else /* AVX2: 16 registers, each accumulator two of them */
-#define DENSE_OUTS 4
-#define DENSE_ROWS 1
+#else /* AVX2: 16 registers, each accumulator two of them: 2 x 2 of them, 2 rows' x, 1 weight */
+#define DENSE_OUTS 2
+#define DENSE_ROWS 2
 typedef struct { __m256 lo, hi; } lanes16_t;  /* lanes 0-7, 8-15 */
 static inline lanes16_t lanes_zero(void) {
     lanes16_t v = {_mm256_setzero_ps(), _mm256_setzero_ps()};
