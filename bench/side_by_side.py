@@ -197,7 +197,7 @@ def find_llama(args) -> tuple[Path | None, str]:
         out = run_checked(["bash", str(setup)], "the anchors' setup.sh",
                           env={**os.environ, "PY": sys.executable,
                                "ANCHORS_WORK": str(args.anchors_work)})
-        server = Path(out.strip().splitlines()[-1])
+        server = args.llama_server or Path(out.strip().splitlines()[-1])  # the GGUFs only
     return server, ""
 
 
