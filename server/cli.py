@@ -27,6 +27,7 @@ from server.launch import (
     CLIError,
     bind,
     engine_config,
+    freeze_startup_heap,
     load,
     server_settings,
 )
@@ -196,6 +197,7 @@ def serve(args: argparse.Namespace) -> None:
                 "on" if config.enable_prefix_caching else "off")
     settings = server_settings(args, name)
     app = build_app(engine, settings)
+    logger.info("garbage collector: %d start-up objects frozen", freeze_startup_heap())
     logger.info("serving %r on http://%s:%d", settings.served_model_name, args.host, port)
     # SIGTERM drains (server/drain.py): new requests get 503 while the running ones finish
     uv_config = uvicorn.Config(

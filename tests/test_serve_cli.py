@@ -3,6 +3,8 @@ line, the log says what was loaded; vLLM's flag names; slow clients and connecti
 
 from __future__ import annotations
 
+import gc
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import httpx
 import pytest
 
 from server.cli import CLIError, bind, build_parser, builder_argv, check_args
+from server.launch import freeze_startup_heap
 from tests.test_api import run_cli, spawn_server, wait_healthy
 
 
@@ -164,6 +167,22 @@ def test_slow_body_is_timed_out_and_logs_name_the_checkpoint(checkpoint_dir):
         _, err = proc.communicate(timeout=60)
     assert f"loaded {checkpoint_dir} (not quantized, float32 on cpu); KV cache: 16 blocks x " \
            "16 tokens (256 tokens)" in err, err
+    frozen = re.search(r"garbage collector: (\d+) start-up objects frozen", err)
+    assert frozen and int(frozen[1]) > 10_000, err  # the model, engine and app at least
+
+
+def test_frozen_start_up_objects_leave_the_collectors_passes():
+    """What is alive at start-up is out of every collection's walk (so a full pass no longer
+    stalls the engine); what is allocated later is collected as before."""
+    startup = {"weights": [object()]}
+    try:
+        assert freeze_startup_heap() == gc.get_freeze_count() > 0
+        later = {"request": [startup]}
+        tracked = gc.get_objects()
+        assert not any(o is startup for o in tracked)
+        assert any(o is later for o in tracked)
+    finally:
+        gc.unfreeze()
 
 
 def test_generate_takes_hf_names_and_dashes(checkpoint_dir, capsys):
