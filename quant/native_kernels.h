@@ -340,6 +340,9 @@ static inline lanes16_t lanes_bf16(const uint16_t *p) {
     __m256i h = _mm256_loadu_si256((const __m256i *)p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+static inline lanes16_t lanes_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline lanes16_t lanes_set1(float v) { return _mm512_set1_ps(v); }
+static inline void lanes_store(float *p, lanes16_t v) { _mm512_storeu_ps(p, v); }
 static inline lanes16_t lanes_fma(lanes16_t a, lanes16_t b, lanes16_t c) {
     return _mm512_fmadd_ps(a, b, c);
 }
@@ -362,6 +365,18 @@ static inline __m256 bf16x8(const uint16_t *p) {
 static inline lanes16_t lanes_bf16(const uint16_t *p) {
     lanes16_t v = {bf16x8(p), bf16x8(p + 8)};
     return v;
+}
+static inline lanes16_t lanes_f32(const float *p) {
+    lanes16_t v = {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)};
+    return v;
+}
+static inline lanes16_t lanes_set1(float x) {
+    lanes16_t v = {_mm256_set1_ps(x), _mm256_set1_ps(x)};
+    return v;
+}
+static inline void lanes_store(float *p, lanes16_t v) {
+    _mm256_storeu_ps(p, v.lo);
+    _mm256_storeu_ps(p + 8, v.hi);
 }
 static inline lanes16_t lanes_fma(lanes16_t a, lanes16_t b, lanes16_t c) {
     lanes16_t v = {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
@@ -438,27 +453,63 @@ static void dense_linear_rows(team_t *t, const uint16_t *x, int64_t M, int64_t K
 
 /* Decode attention of one (row, kv head) item (native_cpu.c's fanformer_paged_decode):
  * the row's g query heads over its first lens[d] positions, through its block table.
- * buf: (2 g hd + hd + g longest) floats of the caller's. */
+ * buf: (2 g hd + hd + g longest) floats of the caller's.
+ * The positions are walked block by block (a block's bs rows are contiguous, the blocks
+ * anywhere in the pool), the next block's rows prefetched when one starts: without it the
+ * loop waited on each row's load. A bf16 cache with hd % 16 == 0 (every preset) takes the
+ * lanes path: each score a 16-lane dot (lane l sums i = l, l + 16, ... with one FMA each,
+ * then the bf16 linear's lane tree), K and V read as bf16 in place; the same instructions
+ * in the same order in both builds. Other shapes and fp32 caches take the scalar loops.
+ * Then softmax with libm's expf and the probability-weighted V rows, position by position. */
+static inline void prefetch_block(const void *cache, int bf16, int64_t at, int64_t rows,
+                                  int64_t hd) {
+    const char *p = (const char *)cache + at * (bf16 ? 2 : 4);
+    for (int64_t i = 0; i < rows * hd * (bf16 ? 2 : 4); i += 64)
+        _mm_prefetch(p + i, _MM_HINT_T0);
+}
+
+/* where block b of the item's table starts in the cache (elements), and its rows in use */
+#define BLOCK_AT(b) ((base + table[(b)]) * bs * hd)
+#define BLOCK_ROWS(b) (len - (b) * bs < bs ? len - (b) * bs : bs)
+
 static void attend_item(const void *q, const void *kc, const void *vc, int bf16,
                         const int64_t *tables, int64_t table_stride, const int64_t *lens,
                         int64_t item, int64_t H, int64_t n_kv, int64_t num_blocks, int64_t bs,
                         int64_t hd, int64_t longest, float scale, void *out, float *buf) {
     const int64_t g = H / n_kv;
-    const int64_t d = item / n_kv, kvh = item % n_kv, len = lens[d];
+    const int64_t d = item / n_kv, kvh = item % n_kv, len = lens[d], base = kvh * num_blocks;
+    const int64_t blocks = (len + bs - 1) / bs;
     float *qf = buf, *row = qf + g * hd, *s = row + hd, *acc = s + g * longest;
+    const int lanes = bf16 && hd % 16 == 0;
+    const uint16_t *k16 = (const uint16_t *)kc, *v16 = (const uint16_t *)vc;
     for (int64_t j = 0; j < g; j++)
         row_to_float(q, bf16, (d * H + kvh * g + j) * hd, hd, qf + j * hd);
     const int64_t *table = tables + d * table_stride;
-    for (int64_t t = 0; t < len; t++) {
-        const int64_t at = ((kvh * num_blocks + table[t / bs]) * bs + t % bs) * hd;
-        row_to_float(kc, bf16, at, hd, row);
-        for (int64_t j = 0; j < g; j++) {
-            float dot = 0.0f;
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t at0 = BLOCK_AT(b), rows = BLOCK_ROWS(b);
+        if (b + 1 < blocks) prefetch_block(kc, bf16, BLOCK_AT(b + 1), BLOCK_ROWS(b + 1), hd);
+        for (int64_t o = 0, t = b * bs; o < rows; o++, t++) {
+            const int64_t at = at0 + o * hd;
+            if (lanes) {
+                for (int64_t j = 0; j < g; j++) {
+                    lanes16_t dot = lanes_zero();
+                    for (int64_t i = 0; i < hd; i += 16)
+                        dot = lanes_fma(lanes_f32(qf + j * hd + i), lanes_bf16(k16 + at + i),
+                                        dot);
+                    s[j * longest + t] = lanes_sum(dot) * scale;
+                }
+                continue;
+            }
+            row_to_float(kc, bf16, at, hd, row);
+            for (int64_t j = 0; j < g; j++) {
+                float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < hd; i++) dot += qf[j * hd + i] * row[i];
-            s[j * longest + t] = dot * scale;
+                for (int64_t i = 0; i < hd; i++) dot += qf[j * hd + i] * row[i];
+                s[j * longest + t] = dot * scale;
+            }
         }
     }
+    prefetch_block(vc, bf16, BLOCK_AT(0), BLOCK_ROWS(0), hd);
     float total[64]; /* g <= 64: checked by the caller */
     for (int64_t j = 0; j < g; j++) {
         float m = s[j * longest];
@@ -472,13 +523,27 @@ static void attend_item(const void *q, const void *kc, const void *vc, int bf16,
         total[j] = sum;
         for (int64_t i = 0; i < hd; i++) acc[j * hd + i] = 0.0f;
     }
-    for (int64_t t = 0; t < len; t++) {
-        const int64_t at = ((kvh * num_blocks + table[t / bs]) * bs + t % bs) * hd;
-        row_to_float(vc, bf16, at, hd, row);
-        for (int64_t j = 0; j < g; j++) {
-            const float p = s[j * longest + t];
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t at0 = BLOCK_AT(b), rows = BLOCK_ROWS(b);
+        if (b + 1 < blocks) prefetch_block(vc, bf16, BLOCK_AT(b + 1), BLOCK_ROWS(b + 1), hd);
+        for (int64_t o = 0, t = b * bs; o < rows; o++, t++) {
+            const int64_t at = at0 + o * hd;
+            if (lanes) {
+                for (int64_t i = 0; i < hd; i += 16) {
+                    const lanes16_t v = lanes_bf16(v16 + at + i);
+                    for (int64_t j = 0; j < g; j++)
+                        lanes_store(acc + j * hd + i,
+                                    lanes_fma(lanes_set1(s[j * longest + t]), v,
+                                              lanes_f32(acc + j * hd + i)));
+                }
+                continue;
+            }
+            row_to_float(vc, bf16, at, hd, row);
+            for (int64_t j = 0; j < g; j++) {
+                const float p = s[j * longest + t];
 #pragma omp simd
-            for (int64_t i = 0; i < hd; i++) acc[j * hd + i] += p * row[i];
+                for (int64_t i = 0; i < hd; i++) acc[j * hd + i] += p * row[i];
+            }
         }
     }
     for (int64_t j = 0; j < g; j++) {
@@ -493,5 +558,7 @@ static void attend_item(const void *q, const void *kc, const void *vc, int bf16,
         }
     }
 }
+#undef BLOCK_AT
+#undef BLOCK_ROWS
 
 #endif
