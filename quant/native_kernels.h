@@ -455,8 +455,10 @@ static void dense_linear_rows(team_t *t, const uint16_t *x, int64_t M, int64_t K
  * the row's g query heads over its first lens[d] positions, through its block table.
  * buf: (2 g hd + hd + g longest) floats of the caller's.
  * The positions are walked block by block (a block's bs rows are contiguous, the blocks
- * anywhere in the pool), the next block's rows prefetched when one starts: without it the
- * loop waited on each row's load. A bf16 cache with hd % 16 == 0 (every preset) takes the
+ * anywhere in the pool), K two blocks ahead and V one block ahead prefetched: without it
+ * the loop waited on each row's load. The V rows are summed 16 lanes at a time for up to
+ * ATTEND_HEADS heads kept in registers over all positions (each element's sum still in
+ * position order, the same bits as accumulating row by row). A bf16 cache with hd % 16 == 0 (every preset) takes the
  * lanes path: each score a 16-lane dot (lane l sums i = l, l + 16, ... with one FMA each,
  * then the bf16 linear's lane tree), K and V read as bf16 in place; the same instructions
  * in the same order in both builds. Other shapes and fp32 caches take the scalar loops.
@@ -467,6 +469,8 @@ static inline void prefetch_block(const void *cache, int bf16, int64_t at, int64
     for (int64_t i = 0; i < rows * hd * (bf16 ? 2 : 4); i += 64)
         _mm_prefetch(p + i, _MM_HINT_T0);
 }
+
+#define ATTEND_HEADS 4 /* query heads per pass over V (their accumulators in registers) */
 
 /* where block b of the item's table starts in the cache (elements), and its rows in use */
 #define BLOCK_AT(b) ((base + table[(b)]) * bs * hd)
@@ -487,7 +491,8 @@ static void attend_item(const void *q, const void *kc, const void *vc, int bf16,
     const int64_t *table = tables + d * table_stride;
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t at0 = BLOCK_AT(b), rows = BLOCK_ROWS(b);
-        if (b + 1 < blocks) prefetch_block(kc, bf16, BLOCK_AT(b + 1), BLOCK_ROWS(b + 1), hd);
+        if (b == 0 && blocks > 1) prefetch_block(kc, bf16, BLOCK_AT(1), BLOCK_ROWS(1), hd);
+        if (b + 2 < blocks) prefetch_block(kc, bf16, BLOCK_AT(b + 2), BLOCK_ROWS(b + 2), hd);
         for (int64_t o = 0, t = b * bs; o < rows; o++, t++) {
             const int64_t at = at0 + o * hd;
             if (lanes) {
@@ -523,21 +528,30 @@ static void attend_item(const void *q, const void *kc, const void *vc, int bf16,
         total[j] = sum;
         for (int64_t i = 0; i < hd; i++) acc[j * hd + i] = 0.0f;
     }
-    for (int64_t b = 0; b < blocks; b++) {
+    if (lanes) {  /* 16 lanes of up to ATTEND_HEADS heads in registers over all positions */
+        for (int64_t i = 0; i < hd; i += 16)
+            for (int64_t j0 = 0; j0 < g; j0 += ATTEND_HEADS) {
+                const int64_t nj = g - j0 < ATTEND_HEADS ? g - j0 : ATTEND_HEADS;
+                lanes16_t a[ATTEND_HEADS];
+                for (int64_t j = 0; j < ATTEND_HEADS; j++) a[j] = lanes_zero();
+                for (int64_t b = 0; b < blocks; b++) {
+                    const int64_t at0 = BLOCK_AT(b), rows = BLOCK_ROWS(b);
+                    if (i == 0 && j0 == 0 && b + 1 < blocks)
+                        prefetch_block(vc, bf16, BLOCK_AT(b + 1), BLOCK_ROWS(b + 1), hd);
+                    for (int64_t o = 0, t = b * bs; o < rows; o++, t++) {
+                        const lanes16_t v = lanes_bf16(v16 + at0 + o * hd + i);
+                        for (int64_t j = 0; j < nj; j++)
+                            a[j] = lanes_fma(lanes_set1(s[(j0 + j) * longest + t]), v, a[j]);
+                    }
+                }
+                for (int64_t j = 0; j < nj; j++) lanes_store(acc + (j0 + j) * hd + i, a[j]);
+            }
+    }
+    for (int64_t b = 0; b < blocks && !lanes; b++) {
         const int64_t at0 = BLOCK_AT(b), rows = BLOCK_ROWS(b);
         if (b + 1 < blocks) prefetch_block(vc, bf16, BLOCK_AT(b + 1), BLOCK_ROWS(b + 1), hd);
         for (int64_t o = 0, t = b * bs; o < rows; o++, t++) {
             const int64_t at = at0 + o * hd;
-            if (lanes) {
-                for (int64_t i = 0; i < hd; i += 16) {
-                    const lanes16_t v = lanes_bf16(v16 + at + i);
-                    for (int64_t j = 0; j < g; j++)
-                        lanes_store(acc + j * hd + i,
-                                    lanes_fma(lanes_set1(s[j * longest + t]), v,
-                                              lanes_f32(acc + j * hd + i)));
-                }
-                continue;
-            }
             row_to_float(vc, bf16, at, hd, row);
             for (int64_t j = 0; j < g; j++) {
                 const float p = s[j * longest + t];
