@@ -43,6 +43,9 @@ from quant import native_cpu
 SPAN_MULTIPLE = 64  # decode attention spans are padded (and masked) to a multiple of this
 CASCADE_MIN_ROWS = 2  # decode rows that must share a prefix for cascade decode
 CASCADE_MIN_BLOCKS = 4  # and how many leading blocks they must share
+# where the native kernel reads the rows' blocks in place, it beats cascade up to a shared
+# prefix of ~640-1000 tokens (docs/ENGINE.md "Native decode attention"): cascade from here
+CASCADE_NATIVE_MIN_TOKENS = 768
 # the CPU flash-attention op that F.scaled_dot_product_attention dispatches to on CPU; called
 # directly because it also returns each query's log-sum-exp, (B, H, L) fp32
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -91,11 +94,14 @@ class Segment:
     length: int
 
 
-def shared_prefix(dec: list[Segment], block_size: int) -> tuple[list[int], list[int]] | None:
+def shared_prefix(dec: list[Segment], block_size: int, native: bool = False
+                  ) -> tuple[list[int], list[int]] | None:
     """The decode rows that share the most common first block, and the leading blocks they
     all share that every one of them sees whole (before its own token); None when fewer than
-    CASCADE_MIN_ROWS rows share CASCADE_MIN_BLOCKS blocks. One group per step: the common
-    case is a chat's system prompt shared by all. -> (row indices into `dec`, block ids)."""
+    CASCADE_MIN_ROWS rows share CASCADE_MIN_BLOCKS blocks (CASCADE_NATIVE_MIN_TOKENS worth
+    of blocks where the native decode kernel would read them otherwise: `native`). One group
+    per step: the common case is a chat's system prompt shared by all.
+    -> (row indices into `dec`, block ids)."""
     first, count = Counter(s.blocks[0] for s in dec).most_common(1)[0]
     if count < CASCADE_MIN_ROWS:
         return None
@@ -105,7 +111,8 @@ def shared_prefix(dec: list[Segment], block_size: int) -> tuple[list[int], list[
     n = 0
     while n < limit and all(dec[i].blocks[n] == lead[n] for i in rows):
         n += 1
-    return (rows, lead[:n]) if n >= CASCADE_MIN_BLOCKS else None
+    least = -(-CASCADE_NATIVE_MIN_TOKENS // block_size) if native else CASCADE_MIN_BLOCKS
+    return (rows, lead[:n]) if n >= least else None
 
 
 def as_run(ids: list[int], device: torch.device) -> slice | torch.Tensor:
@@ -147,10 +154,10 @@ class StepAttention:
         self.native = None  # native decode attention over the block tables, or None
         if n_dec:
             dec = segments[:n_dec]
-            if cascade and device.type == "cpu":
-                self.prefix = shared_prefix(dec, bs)
             native = device.type == "cpu" and native_cpu.library() is not None and \
                 pool.k.dtype in (torch.bfloat16, torch.float32)
+            if cascade and device.type == "cpu":
+                self.prefix = shared_prefix(dec, bs, native)
             if self.prefix is None and native:
                 # each row reads its own blocks in place: no gather, no padding, no mask
                 self.native = native_cpu.PagedDecode(

@@ -270,7 +270,8 @@ class NativeDecodeStep:
         rows = len(segments)
         if not 0 < rows <= self.max_rows or any(s.length != 1 for s in segments):
             return False
-        return rows <= self.shared_max_rows or shared_prefix(segments, block_size) is None
+        return rows <= self.shared_max_rows or \
+            shared_prefix(segments, block_size, native=True) is None
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention: StepAttention) -> torch.Tensor:

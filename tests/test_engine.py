@@ -502,8 +502,12 @@ def test_cascade_decode_over_a_shared_prompt_gives_the_uncached_tokens(tokenizer
     caching their rows share those blocks and decode attention runs as cascade (prefix once
     + own blocks, merged); without caching, or when batch-invariant, it runs as one gather.
     Same greedy tokens (fp32), and those of the reference loop."""
+    from server import kv_cache
     from server.kv_cache import StepAttention
 
+    # cascade from 4 shared blocks even where the native decode kernel runs (which takes
+    # shared prefixes shorter than CASCADE_NATIVE_MIN_TOKENS)
+    monkeypatch.setattr(kv_cache, "CASCADE_NATIVE_MIN_TOKENS", 4 * 16)
     calls = []
     cascade = StepAttention._cascade_decode
     monkeypatch.setattr(StepAttention, "_cascade_decode",

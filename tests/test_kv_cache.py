@@ -12,9 +12,17 @@ import torch
 
 from fanformer.config import ModelConfig
 from quant import native_cpu
+from server import kv_cache
 from server.kv_cache import KVCachePool, Segment, StepAttention, merge_attention, shared_prefix
 
 BS = 16
+
+
+@pytest.fixture
+def cascade_on_short_prefixes(monkeypatch):
+    """Cascade decode from 4 shared blocks even where the native kernel runs (which takes
+    prefixes shorter than CASCADE_NATIVE_MIN_TOKENS): the cascade tests' prefixes are short."""
+    monkeypatch.setattr(kv_cache, "CASCADE_NATIVE_MIN_TOKENS", kv_cache.CASCADE_MIN_BLOCKS * BS)
 
 
 def make_pool(n_heads: int, n_kv: int, dtype: torch.dtype, num_blocks: int = 96) -> KVCachePool:
@@ -55,7 +63,8 @@ def attend(pool, segments, cascade, q, k, v):
                                        (torch.bfloat16, 2 * 2**-7)])
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("heads", [(4, 2), (2, 2)])
-def test_cascade_decode_equals_the_gather_path(dtype, tol, contiguous, heads):
+def test_cascade_decode_equals_the_gather_path(dtype, tol, contiguous, heads,
+                                               cascade_on_short_prefixes):
     rng = random.Random(1)
     pool = make_pool(*heads, dtype)
     blocks = list(range(pool.num_blocks))
@@ -124,7 +133,8 @@ def test_native_decode_rows_never_mix(dtype):
         assert torch.equal(alone, together[:, :, sl]), i
 
 
-def test_cascade_decode_with_prefill_chunks_and_a_prefix_ending_at_a_row_token():
+def test_cascade_decode_with_prefill_chunks_and_a_prefix_ending_at_a_row_token(
+        cascade_on_short_prefixes):
     """Decode rows then a prefill chunk in one step; a shared row whose token is the first of
     the block after the prefix (its own part is that one token)."""
     pool = make_pool(4, 2, torch.float32)
@@ -137,6 +147,20 @@ def test_cascade_decode_with_prefill_chunks_and_a_prefix_ending_at_a_row_token()
     assert att.prefix == ([0, 1, 2], prefix)
     _, want = attend(pool, segs, False, q, k, v)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_where_the_native_kernel_runs_only_a_long_shared_prefix_takes_cascade():
+    """The native kernel beats cascade up to a shared prefix of CASCADE_NATIVE_MIN_TOKENS
+    (docs/ENGINE.md): below it the rows read their blocks in place, from it cascade reads the
+    prefix once; without the kernel, cascade from CASCADE_MIN_BLOCKS blocks as before."""
+    need = -(-kv_cache.CASCADE_NATIVE_MIN_TOKENS // BS)  # blocks
+
+    def rows(shared_blocks):  # 3 rows past a shared run of that many blocks
+        lead = list(range(shared_blocks))
+        return [Segment(lead + [1000 + i], shared_blocks * BS + i, 1) for i in range(3)]
+    assert shared_prefix(rows(need - 1), BS, native=True) is None
+    assert shared_prefix(rows(need), BS, native=True) == ([0, 1, 2], list(range(need)))
+    assert shared_prefix(rows(kv_cache.CASCADE_MIN_BLOCKS), BS) is not None  # no kernel
 
 
 def test_shared_prefix_picks_the_most_common_first_block_and_its_visible_common_run():

@@ -13,7 +13,7 @@ from fanformer.checkpoint import save_checkpoint
 from quant import load_any_checkpoint, native_cpu
 from quant.cli import main
 from server.engine import EngineConfig, LLMEngine
-from server.kv_cache import KVCachePool, Segment, StepAttention
+from server.kv_cache import CASCADE_NATIVE_MIN_TOKENS, KVCachePool, Segment, StepAttention
 from server.native_step import (
     FUSED_MAX_ROWS,
     FUSED_SHARED_MAX_ROWS,
@@ -195,14 +195,18 @@ def test_it_is_off_where_it_cannot_run(case, monkeypatch):
     assert (step.max_rows, step.shared_max_rows) == (most, shared)
     bs = pool.block_size
 
-    def rows(n, share=False, length=1):  # n segments past 5 whole blocks, shared or each own
-        return [Segment([0, 1, 2, 3, 4, 100 + i] if share else [10 * i + j for j in range(6)],
-                        5 * bs, length) for i in range(n)]
+    long = -(-CASCADE_NATIVE_MIN_TOKENS // bs)  # blocks of a prefix cascade decode takes
+
+    def rows(n, share=0, length=1):  # n segments past `share` shared blocks, or 5 of their own
+        own = max(share, 5)
+        return [Segment(list(range(share)) + [10_000 + i] if share else
+                        [10 * i + j for j in range(6)], own * bs, length) for i in range(n)]
     assert step.takes(rows(1), bs) and step.takes(rows(most), bs)
     assert not step.takes(rows(most + 1), bs) and not step.takes(rows(2, length=2), bs)
-    # rows sharing a prefix: past `shared`, the eager step's cascade decode takes them
-    assert step.takes(rows(shared, share=True), bs)
-    assert not step.takes(rows(shared + 1, share=True), bs)
+    # rows sharing a long prefix: past `shared`, the eager step's cascade decode takes them
+    assert step.takes(rows(shared, share=long), bs)
+    assert not step.takes(rows(shared + 1, share=long), bs)
+    assert step.takes(rows(most, share=5), bs)  # a short one: the native kernel reads it
     assert NativeDecodeStep.build(model, KVCachePool(model.config, 4, 4, torch.float32,
                                                      "cpu")) is None
     assert NativeDecodeStep.build(make_model("test"), pool) is None  # an fp32 model
