@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 # the most one-token rows a step may have to take each way (docs/ENGINE.md "The native decode
 # step"), and the most when rows share a prefix that cascade decode would read once for them
 # (above that, the eager step with cascade decode is the faster one)
-FUSED_MAX_ROWS, PHASED_MAX_ROWS = 64, 32
+FUSED_MAX_ROWS, PHASED_MAX_ROWS = 64, 64
 FUSED_SHARED_MAX_ROWS, PHASED_SHARED_MAX_ROWS = 32, 16
 # the most rows a step with bf16 linears takes fused (C's bf16 linear), phased above: the
 # kernel is GEMV-shaped, and oneDNN's bf16 GEMM overtakes it from about 16 rows on a CPU
