@@ -49,7 +49,13 @@ from torch import nn
 
 from quant import native_cpu
 from quant.packing import unpack_awq, unpack_gptq
-from quant.w8a8 import activation_qmax, int8_gemm_fast, per_channel_int8, w8a8_kernel
+from quant.w8a8 import (
+    activation_qmax,
+    int8_gemm_fast,
+    onednn_int8_fast,
+    per_channel_int8,
+    w8a8_kernel,
+)
 
 # The kernel policy, read per call, so benchmarks may change it between runs (never while
 # serving: a request's numerics would change mid-stream); `weight_only_everywhere()` below
@@ -58,9 +64,14 @@ from quant.w8a8 import activation_qmax, int8_gemm_fast, per_channel_int8, w8a8_k
 # (the crossover measured with bench/bench_quant_kernels.py, docs/QUANTIZATION.md).
 WEIGHT_ONLY_MAX_WORK = 1 << 21
 # The same bound for layers on the native kernel's AVX-512 build (quant/native_cpu.py),
-# which stays ahead of w8a8 up to about 64 rows of a 512 x 2048 layer and 4 rows of a
-# 32k-vocabulary head (its AVX2 build keeps WEIGHT_ONLY_MAX_WORK)
+# which stays ahead of w8a8 on oneDNN's int8 GEMM up to about 64 rows of a 512 x 2048 layer
+# and 4 rows of a 32k-vocabulary head (its AVX2 build keeps WEIGHT_ONLY_MAX_WORK) ...
 NATIVE_MAX_WORK = 1 << 26
+# ... and where w8a8 runs on torch._int_mm instead (oneDNN's int8 is slow on the CPU:
+# `onednn_int8_fast`), on a par with it at 128 rows of 512 x 2048 and 2.6x faster at 512,
+# while each w8a8 call's ~8 elementwise ops wake the sleeping OpenMP worker: a prefill step
+# of 512 tokens stays on the native kernel (docs/QUANTIZATION.md "The native kernel")
+NATIVE_MAX_WORK_VS_INT_MM = 1 << 29
 # batch_invariant: layers with at least this many weights run w8a8 at every row count,
 # smaller ones their weight-only kernel.
 W8A8_MIN_WEIGHTS = 1 << 18
@@ -72,13 +83,13 @@ NF4_BLOCK = 64  # bitsandbytes' default blocksize for 4-bit
 def weight_only_everywhere():
     """Within: every layer that has a weight-only kernel runs it at every row count (what
     benchmarks compare the default policy against); the policy is restored after."""
-    global WEIGHT_ONLY_MAX_WORK, NATIVE_MAX_WORK, W8A8_MIN_WEIGHTS
-    saved = WEIGHT_ONLY_MAX_WORK, NATIVE_MAX_WORK, W8A8_MIN_WEIGHTS
-    WEIGHT_ONLY_MAX_WORK = NATIVE_MAX_WORK = W8A8_MIN_WEIGHTS = 1 << 62
+    global WEIGHT_ONLY_MAX_WORK, NATIVE_MAX_WORK, NATIVE_MAX_WORK_VS_INT_MM, W8A8_MIN_WEIGHTS
+    saved = WEIGHT_ONLY_MAX_WORK, NATIVE_MAX_WORK, NATIVE_MAX_WORK_VS_INT_MM, W8A8_MIN_WEIGHTS
+    WEIGHT_ONLY_MAX_WORK = NATIVE_MAX_WORK = NATIVE_MAX_WORK_VS_INT_MM = W8A8_MIN_WEIGHTS = 1 << 62
     try:
         yield
     finally:
-        WEIGHT_ONLY_MAX_WORK, NATIVE_MAX_WORK, W8A8_MIN_WEIGHTS = saved
+        WEIGHT_ONLY_MAX_WORK, NATIVE_MAX_WORK, NATIVE_MAX_WORK_VS_INT_MM, W8A8_MIN_WEIGHTS = saved
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -152,7 +163,7 @@ class QuantLinear(nn.Module):
         if self._kernel("weight-only") is None:
             return 0
         if self.runs_native() and native_cpu.full_build():
-            return NATIVE_MAX_WORK
+            return NATIVE_MAX_WORK if onednn_int8_fast() else NATIVE_MAX_WORK_VS_INT_MM
         return WEIGHT_ONLY_MAX_WORK  # the AVX2 build: where aten's would run, and faster
 
     # ---- kernels, built lazily and dropped whenever the buffers change ----

@@ -206,6 +206,7 @@ def test_the_report_scores_the_weights_own_error(tmp_path, checkpoint_dir, token
 
     monkeypatch.setattr(quant.layers, "WEIGHT_ONLY_MAX_WORK", 0)  # default: w8a8 always
     monkeypatch.setattr(quant.layers, "NATIVE_MAX_WORK", 0)  # on the native kernel too
+    monkeypatch.setattr(quant.layers, "NATIVE_MAX_WORK_VS_INT_MM", 0)
     monkeypatch.setattr(quant.layers, "int8_gemm_fast", lambda: True)  # even where it is slow
     eval_file = tmp_path / "eval.txt"
     eval_file.write_text((FIXTURES / "tiny.txt").read_text()[:3000])

@@ -144,14 +144,17 @@ def test_kernels_match_reference(rows, kernel, device):
         assert y.dtype == x.dtype and y.shape == (rows, layer.out_features)
 
 
-def test_kernel_follows_the_work_of_the_call_unless_batch_invariant(monkeypatch):
+@pytest.mark.parametrize("onednn_fast", [True, False])
+def test_kernel_follows_the_work_of_the_call_unless_batch_invariant(monkeypatch, onednn_fast):
     """By default a layer runs its weight-only kernel while rows x weights is at most
-    WEIGHT_ONLY_MAX_WORK (NATIVE_MAX_WORK on the native kernel's AVX-512 build) and
-    w8a8 beyond
+    WEIGHT_ONLY_MAX_WORK (on the native kernel's AVX-512 build: NATIVE_MAX_WORK where w8a8
+    runs on oneDNN, NATIVE_MAX_WORK_VS_INT_MM where it runs on torch._int_mm) and w8a8 beyond
     (3-bit GPTQ has no weight-only kernel: always w8a8). With batch_invariant, one kernel
     at every row count: the native kernel, else weight-only under W8A8_MIN_WEIGHTS
     weights, w8a8 from there."""
     monkeypatch.setattr(qlayers, "int8_gemm_fast", lambda: True)  # (the next test: False)
+    monkeypatch.setattr(qlayers, "onednn_int8_fast", lambda: onednn_fast)
+    native_work = qlayers.NATIVE_MAX_WORK if onednn_fast else qlayers.NATIVE_MAX_WORK_VS_INT_MM
     head = gptq_layer(rtn_quantize(_weight(1024, 256), 4, 64), None, 4, 64)  # 2^18 weights
     native = native_cpu.library() is not None
     # no weight-only kernel: 3-bit GPTQ; nf4 where bitsandbytes' fused one does not run
@@ -163,7 +166,7 @@ def test_kernel_follows_the_work_of_the_call_unless_batch_invariant(monkeypatch)
         # on the native kernel: 4-bit layers, and int8 ones on its AVX-512 build
         on_native = native and name in ("gptq", "gptq-act-order", "awq", "head") or \
             wide and name == "int8"
-        budget = qlayers.NATIVE_MAX_WORK if wide and on_native else qlayers.WEIGHT_ONLY_MAX_WORK
+        budget = native_work if wide and on_native else qlayers.WEIGHT_ONLY_MAX_WORK
         assert layer.runs_native() == on_native, name
         edge = budget // weights  # the most rows weight-only takes
         got = [layer.kernel_name(r) for r in (1, edge, edge + 1, 1 << 22)]
@@ -180,7 +183,7 @@ def test_kernel_follows_the_work_of_the_call_unless_batch_invariant(monkeypatch)
         assert {layer.kernel_name(r) for r in (1, edge, edge + 1, 1 << 22)} == {invariant}, name
     assert head.kernel_name(1) == ("weight-only" if native else "w8a8")  # it is the big one
     policy = lambda: (qlayers.WEIGHT_ONLY_MAX_WORK, qlayers.NATIVE_MAX_WORK,
-                      qlayers.W8A8_MIN_WEIGHTS)
+                      qlayers.NATIVE_MAX_WORK_VS_INT_MM, qlayers.W8A8_MIN_WEIGHTS)
     before = policy()
     with qlayers.weight_only_everywhere():
         assert head.kernel_name(4096) == "weight-only"
