@@ -5,7 +5,8 @@ shared machine, the load generator) needs the same cores between steps. libgomp'
 lets idle threads spin up to 300,000 times before they sleep; PASSIVE sleeps at once. And
 steps of at most `SINGLE_THREAD_MAX_TOKENS` tokens run on one thread. This starts the
 server once per variant (alternating which goes first by round) on the random
-transformer-64m checkpoint of bench/side_by_side.py and drives it with the same load
+transformer-64m checkpoint of bench/side_by_side.py (bf16, or its 4-bit one with --variant
+4bit) and drives it with the same load
 generator at 1 / 16 / 64 streams, greedy and sampled. Medians over rounds.
 
     .venv/bin/python bench/omp_wait.py --rounds 2
@@ -51,12 +52,14 @@ def main() -> None:
     p.add_argument("--streams", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--modes", nargs="+", default=list(sbs.MODES))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS)[:3], choices=list(VARIANTS))
+    p.add_argument("--variant", choices=list(sbs.VARIANTS), default="bf16",
+                   help="which of side_by_side's checkpoints the server loads")
     p.add_argument("--out", type=Path, default=None, help="JSON of every point")
     args = sbs.parse_args([])  # side_by_side's defaults: anchors folder, cache, prompt shape
     own = p.parse_args()
     if own.out and own.out.exists():  # before the long run, and never over a file
         p.error(f"--out {own.out} exists; pass another --out")
-    checkpoint = sbs.build_checkpoints(sbs.ANCHOR_PRESET, args.cache)["bf16"]
+    checkpoint = sbs.build_checkpoints(sbs.ANCHOR_PRESET, args.cache)[own.variant]
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     points = []
     with tempfile.TemporaryDirectory() as tmp:
