@@ -49,7 +49,6 @@ from torch import nn
 
 from quant import native_cpu
 from quant.packing import unpack_awq, unpack_gptq
-from quant.threads import all_threads
 from quant.w8a8 import (
     activation_qmax,
     int8_gemm_fast,
@@ -207,12 +206,9 @@ class QuantLinear(nn.Module):
         if x.device.type != "cpu":
             y = F.linear(x2, self._kernel((x.device, x2.dtype)))
         elif self.kernel_name(x2.shape[0]) == "weight-only":
-            x2 = x2.to(torch.bfloat16).contiguous()
-            with all_threads():
-                y = self._kernel("weight-only")(x2)
+            y = self._kernel("weight-only")(x2.to(torch.bfloat16).contiguous())
         else:
-            with all_threads():
-                y = self._kernel("w8a8")(x2)
+            y = self._kernel("w8a8")(x2)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*lead, self.out_features)  # (..., N)

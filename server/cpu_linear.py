@@ -31,8 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.threads import all_threads
-
 log = logging.getLogger(__name__)
 
 FP32_GEMM_MIN_ROWS = 16  # below, torch's bf16 loop is as fast (8 rows) or faster
@@ -61,12 +59,11 @@ class CPULinear(nn.Linear):
         if self._one_row(x):
             return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         rows = x.numel() // self.in_features
-        with all_threads():
-            if self.fp32_min_rows is not None and rows >= self.fp32_min_rows and \
-                    x.dtype == self.weight.dtype and not torch.is_grad_enabled():
-                y = self._fp32_chunks(x.reshape(rows, self.in_features))
-                return y.view(*x.shape[:-1], self.out_features)
-            return F.linear(x, self.weight, self.bias)
+        if self.fp32_min_rows is not None and rows >= self.fp32_min_rows and \
+                x.dtype == self.weight.dtype and not torch.is_grad_enabled():
+            y = self._fp32_chunks(x.reshape(rows, self.in_features))
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
 
     def _fp32_chunks(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) bf16 -> (M, N) bf16, built chunk of outputs by chunk, each chunk's

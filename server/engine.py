@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fanformer.tokenizer import Tokenizer
-from quant.threads import small_ops_on_one_thread
 from server.block_pool import BlockPool
 from server.cpu_linear import use_cpu_linears
 from server.detokenizer import IncrementalDetokenizer
@@ -49,12 +48,6 @@ logger = logging.getLogger(__name__)
 # 1 / 16 / 64 greedy streams against 30 / 291 / 647 (transformer-64m, 2-core machine,
 # bench/omp_wait.py, docs/ENGINE.md "Threads"). A many-core machine may want it back.
 SINGLE_THREAD_MAX_TOKENS = 0
-# On CPU, an eager step of at most this many tokens (a prompt's prefill among decode rows)
-# runs its small ops (norms, RoPE, residuals, SwiGLU, ...) on one thread and only its
-# linears and decode attention on all (quant/threads.py: each small op would wake the
-# sleeping worker). On 2 cores it paid up to ~260 tokens and lost at ~500
-# (bench/mixed_step.py, docs/ENGINE.md "Threads"); a many-core machine may want it lower.
-SMALL_OPS_ONE_THREAD_MAX_TOKENS = 256
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -246,10 +239,6 @@ class LLMEngine:
         input_ids = to_device(ids, self.device)[None]  # (1, N)
         if native:  # (it raises if the step's attention was not planned for it)
             hidden = self.native_step(input_ids[0], attention)[None]  # (1, N, d)
-        elif self.device.type == "cpu" and len(ids) <= SMALL_OPS_ONE_THREAD_MAX_TOKENS and \
-                self.max_threads > 1:
-            with small_ops_on_one_thread(self.max_threads):
-                hidden = model.hidden_states(input_ids, attention.positions, attention)
         else:
             hidden = model.hidden_states(input_ids, attention.positions, attention)  # (1, N, d)
         # the LM head only on the rows we sample from (or score): the model's forward would

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 
 from fanformer.config import ModelConfig
 from quant import native_cpu
-from quant.threads import all_threads
 
 SPAN_MULTIPLE = 64  # decode attention spans are padded (and masked) to a multiple of this
 CASCADE_MIN_ROWS = 2  # decode rows that must share a prefix for cascade decode
@@ -223,8 +222,7 @@ class StepAttention:
             outs.append(self._cascade_decode(kc, vc, q))
         elif self.native is not None:
             qd = q[0, :, :self.n_dec].transpose(0, 1).contiguous()  # (D, H, hd)
-            with all_threads():
-                od = self.native(qd.to(kc.dtype), kc, vc).to(q.dtype)  # (D, H, hd)
+            od = self.native(qd.to(kc.dtype), kc, vc).to(q.dtype)  # (D, H, hd)
             outs.append(od.transpose(0, 1)[None])  # (1, H, D, hd)
         elif self.n_dec:
             d, span = self.n_dec, self.dec_span
