@@ -72,7 +72,11 @@ def main() -> int:
     else:
         argv = [str(BIN / "python"), "-m", "pytest", *rest]
     print("+", " ".join(argv), flush=True)
-    return subprocess.call(argv, cwd=ROOT)
+    os.chdir(ROOT)
+    # the server (or pytest) takes over this process, so a SIGTERM sent to the PID a user or
+    # a service manager knows reaches it (and drains the server) instead of orphaning it
+    os.execv(argv[0], argv)
+    return 1  # not reached
 
 
 if __name__ == "__main__":

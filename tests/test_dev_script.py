@@ -34,3 +34,23 @@ def test_reinstalls_only_when_pyproject_changes(tmp_path, monkeypatch):
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\nversion = '2'\n")
     assert installed_now(set()) == ["torch==2.13.0", ".[dev]"]  # keeps the dev extras
     assert installed_now({"dev"}) == []
+
+
+def test_the_command_takes_over_the_process(tmp_path, monkeypatch):
+    """`serve` (and `test`) exec the server (pytest) in this process, from the repo root: a
+    SIGTERM sent to the PID that was started reaches the server and drains it."""
+    import os
+    import sys
+
+    spec = importlib.util.spec_from_file_location("dev_script", SCRIPT)
+    dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev)
+    execs = []
+    monkeypatch.setattr(dev, "setup", lambda extras: None)
+    monkeypatch.setattr(dev.os, "execv", lambda path, argv: execs.append((path, argv,
+                                                                         os.getcwd())))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["dev.py", "serve", "--port", "9"])
+    dev.main()
+    server = str(dev.BIN / "fanformer-serve")
+    assert execs == [(server, [server, "--port", "9"], str(dev.ROOT))]
