@@ -456,13 +456,13 @@ static void dense_linear_rows(team_t *t, const uint16_t *x, int64_t M, int64_t K
  * buf: (2 g hd + hd + g longest) floats of the caller's.
  * The positions are walked block by block (a block's bs rows are contiguous, the blocks
  * anywhere in the pool), K two blocks ahead and V one block ahead prefetched: without it
- * the loop waited on each row's load. The V rows are summed 16 lanes at a time for up to
- * ATTEND_HEADS heads kept in registers over all positions (each element's sum still in
- * position order, the same bits as accumulating row by row). A bf16 cache with hd % 16 == 0 (every preset) takes the
- * lanes path: each score a 16-lane dot (lane l sums i = l, l + 16, ... with one FMA each,
- * then the bf16 linear's lane tree), K and V read as bf16 in place; the same instructions
- * in the same order in both builds. Other shapes and fp32 caches take the scalar loops.
- * Then softmax with libm's expf and the probability-weighted V rows, position by position. */
+ * the loop waited on each row's load. A bf16 cache with hd % 16 == 0 (every preset) takes
+ * the lanes path: each score a 16-lane dot (lane l sums i = l, l + 16, ... with one FMA
+ * each, then the bf16 linear's lane tree), K and V read as bf16 in place, the V rows summed
+ * 16 lanes at a time for up to ATTEND_HEADS heads kept in registers over all positions
+ * (each element's sum in position order, the same bits as accumulating row by row); the
+ * same instructions in the same order in both builds. Other shapes and fp32 caches take
+ * the scalar loops. Softmax in between with libm's expf. */
 static inline void prefetch_block(const void *cache, int bf16, int64_t at, int64_t rows,
                                   int64_t hd) {
     const char *p = (const char *)cache + at * (bf16 ? 2 : 4);
@@ -526,7 +526,6 @@ static void attend_item(const void *q, const void *kc, const void *vc, int bf16,
             sum += p;
         }
         total[j] = sum;
-        for (int64_t i = 0; i < hd; i++) acc[j * hd + i] = 0.0f;
     }
     if (lanes) {  /* 16 lanes of up to ATTEND_HEADS heads in registers over all positions */
         for (int64_t i = 0; i < hd; i += 16)
@@ -546,17 +545,18 @@ static void attend_item(const void *q, const void *kc, const void *vc, int bf16,
                 }
                 for (int64_t j = 0; j < nj; j++) lanes_store(acc + (j0 + j) * hd + i, a[j]);
             }
-    }
-    for (int64_t b = 0; b < blocks && !lanes; b++) {
-        const int64_t at0 = BLOCK_AT(b), rows = BLOCK_ROWS(b);
-        if (b + 1 < blocks) prefetch_block(vc, bf16, BLOCK_AT(b + 1), BLOCK_ROWS(b + 1), hd);
-        for (int64_t o = 0, t = b * bs; o < rows; o++, t++) {
-            const int64_t at = at0 + o * hd;
-            row_to_float(vc, bf16, at, hd, row);
-            for (int64_t j = 0; j < g; j++) {
-                const float p = s[j * longest + t];
+    } else {  /* row by row into acc */
+        for (int64_t i = 0; i < g * hd; i++) acc[i] = 0.0f;
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t at0 = BLOCK_AT(b), rows = BLOCK_ROWS(b);
+            if (b + 1 < blocks) prefetch_block(vc, bf16, BLOCK_AT(b + 1), BLOCK_ROWS(b + 1), hd);
+            for (int64_t o = 0, t = b * bs; o < rows; o++, t++) {
+                row_to_float(vc, bf16, at0 + o * hd, hd, row);
+                for (int64_t j = 0; j < g; j++) {
+                    const float p = s[j * longest + t];
 #pragma omp simd
-                for (int64_t i = 0; i < hd; i++) acc[j * hd + i] += p * row[i];
+                    for (int64_t i = 0; i < hd; i++) acc[j * hd + i] += p * row[i];
+                }
             }
         }
     }
