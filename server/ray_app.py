@@ -47,14 +47,7 @@ from server.api import ServerSettings, build_app
 from server.async_engine import AsyncEngine
 from server.drain import AFTER_ABORT_S, Drain
 from server.engine import EngineConfig, LLMEngine
-from server.launch import (
-    CLIError,
-    bind,
-    engine_config,
-    freeze_startup_heap,
-    load,
-    server_settings,
-)
+from server.launch import CLIError, bind, engine_config, freeze_startup_heap, load, server_settings
 
 logger = logging.getLogger(__name__)
 APP_NAME = "fanformer"
@@ -102,10 +95,10 @@ class FanformerReplica:
             dataclasses.replace(settings, served_model_name=name)
         # _drain_task: held only so the loop's weak reference is not the task's last one
         self.drain_signal, self._drain_task = drain_signal, None
-        freeze_startup_heap()
 
     def __serve_build_asgi_app__(self):
         app = build_app(self.engine, self.settings)  # its lifespan starts the engine
+        freeze_startup_heap()  # as fanformer-serve does once its app is built
         if self.drain_signal is not None:  # Ray calls this on the loop that serves the app
             self._drain_task = asyncio.get_running_loop().create_task(
                 self._drain_when_told(app.state.drain))
