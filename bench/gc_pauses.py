@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from side_by_side import (  # noqa: E402 - bench/ is not a package
+from side_by_side import (
     MODES,
     ROOT,
     build_checkpoints,
@@ -80,17 +78,16 @@ def main() -> None:
             arms = ["frozen", "not frozen"][:: 1 if rnd % 2 == 0 else -1]
             for arm in arms:
                 out = tmp / f"gc-{rnd}-{arm.replace(' ', '_')}.json"
-                env = {"PYTHONPATH": f"{tmp / 'hook'}{os.pathsep}{ROOT}",
+                path = os.pathsep.join(p for p in (str(tmp / "hook"), str(ROOT),
+                                                   os.environ.get("PYTHONPATH")) if p)
+                env = {**os.environ, "PYTHONPATH": path,  # the server's alone
                        "GC_PAUSES_ARM": arm, "GC_PAUSES_OUT": str(out)}
                 with ExitStack() as stack:
-                    os.environ.update(env)  # the server subprocess inherits them
                     (server,) = start_servers([("fanformer-serve", ours_argv(checkpoint))],
-                                              tmp, stack)
+                                              tmp, stack, env)
                     figures = run_load(server.url, args.streams,
                                        requests_for(args.streams, args), args.mode,
                                        args.max_tokens, args, seed=rnd, tmp=tmp)
-                for key in env:
-                    del os.environ[key]
                 gc = json.loads(out.read_text())
                 full = ", ".join(f"{s * 1e3:.0f}" for s in gc["2"]) or "-"
                 young = sum(gc["0"]) + sum(gc["1"])

@@ -67,17 +67,10 @@ def main() -> None:
             order = own.variants if rnd % 2 == 0 else own.variants[::-1]
             for variant in order:
                 with ExitStack() as stack:
-                    saved = dict(os.environ)
-                    os.environ.clear()
                     env, single_thread_max = VARIANTS[variant]
-                    os.environ.update({**base, **env})
-                    try:
-                        server, = sbs.start_servers(
-                            [(variant, server_argv(checkpoint, single_thread_max))],
-                            args.cache / "logs", stack)
-                    finally:
-                        os.environ.clear()
-                        os.environ.update(saved)
+                    server, = sbs.start_servers(
+                        [(variant, server_argv(checkpoint, single_thread_max))],
+                        args.cache / "logs", stack, env={**base, **env})
                     for mode in own.modes:
                         for streams in own.streams:
                             load = os.getloadavg()[0]
