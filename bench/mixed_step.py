@@ -1,7 +1,8 @@
 """Decode steps against steps that also carry a new prompt's prefill (what a serving engine
 runs whenever a request arrives): R requests decode, and every fourth step a prompt of
 --prompt_len tokens is added, so that step runs the decode rows and the prompt together
-(the eager model: the native decode step takes one-token rows only).
+(the native step, each token a row, up to its mixed bound; the eager model above it or
+with FANFORMER_NATIVE_STEP=0).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/mixed_step.py --checkpoint CKPT --rows 16 64
 

@@ -355,14 +355,16 @@ class PagedDecode:
     def __init__(self, tables: list[list[int]], lengths: list[int], num_blocks: int,
                  block_size: int, lib: ctypes.CDLL | None = None):
         width = max(len(t) for t in tables)
-        for table, length in zip(tables, lengths):
-            if not 0 < length <= len(table) * block_size or \
-                    not all(0 <= b < num_blocks for b in table):
-                raise ValueError(f"PagedDecode: a table of {len(table)} blocks (ids in "
-                                 f"[0, {num_blocks})) cannot hold {length} positions")
         self.tables = torch.tensor([t + [0] * (width - len(t)) for t in tables],
                                    dtype=torch.int64)  # (D, width)
         self.lengths = torch.tensor(lengths, dtype=torch.int64)  # (D,)
+        sizes = torch.tensor([len(t) for t in tables], dtype=torch.int64)  # (D,)
+        bad = (self.lengths <= 0) | (self.lengths > sizes * block_size) | \
+            ((self.tables < 0) | (self.tables >= num_blocks)).any(dim=1)
+        if bad.any():  # checked as tensors: a prefill's rows bring hundreds of tables
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"PagedDecode: a table of {len(tables[i])} blocks (ids in "
+                             f"[0, {num_blocks})) cannot hold {lengths[i]} positions")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.lib = lib or library()
 

@@ -309,32 +309,49 @@ int fanformer_decode_step(const layer_t *layers, const step_t *s, uint16_t *x, i
     return 0;
 }
 
+/* One phase of fanformer_block_phase, by the team t. */
+static void run_phase(team_t *t, int phase, const layer_t *L, const step_t *s, uint16_t *x,
+                      rows_t *b, int64_t ff, float *att_buf, int64_t longest) {
+    switch (phase) {
+    case 0: attn_norm_rows(t, L, s, x, b); break;
+    case 1: fan_features(t, L, s, b); break;
+    case 2: attention(t, L, s, b, att_buf, longest); break;
+    case 3: attn_residual(t, L, s, x, b); break;
+    case 4: swiglu(t, s, ff, b); break;
+    case 5: ffn_residual(t, L, s, x, b); break;
+    }
+}
+
 /* The phases one by one, for a step whose projections torch runs (bf16 weights, or any
  * layer without a native kernel: server/native_step.py calls the modules in between, so
  * their bits are the eager model's). phase: 0 attn norm (x -> h), 1 FAN features (a -> xf),
- * 2 attention (qkv -> cache, attn; on nthreads), 3 attention residual (x, a -> y, n),
- * 4 SwiGLU (g, u -> g, width ff), 5 FFN residual (y or n, f -> x). Returns 0, -1 when the
- * attention's workspace cannot be allocated, -2 for an unknown phase. */
+ * 2 attention (qkv -> cache, attn), 3 attention residual (x, a -> y, n), 4 SwiGLU (g, u ->
+ * g, width ff), 5 FFN residual (y or n, f -> x); on nthreads (1: the calling thread alone,
+ * which the caller asks for the elementwise phases of a few rows, where waking the team
+ * costs more than it saves). Each row's bits are the same either way. Returns 0, -1 when
+ * the attention's workspace cannot be allocated, -2 for an unknown phase. */
 int fanformer_block_phase(int phase, const layer_t *L, const step_t *s, uint16_t *x,
                           rows_t *b, int64_t ff, int nthreads) {
-    team_t solo = TEAM_SOLO;  /* the elementwise phases: on the calling thread */
-    switch (phase) {
-    case 0: attn_norm_rows(&solo, L, s, x, b); return 0;
-    case 1: fan_features(&solo, L, s, b); return 0;
-    case 3: attn_residual(&solo, L, s, x, b); return 0;
-    case 4: swiglu(&solo, s, ff, b); return 0;
-    case 5: ffn_residual(&solo, L, s, x, b); return 0;
-    case 2: break;
-    default: return -2;
+    if (phase < 0 || phase > 5) return -2;
+    int64_t longest = 1, att_floats = 0;
+    float *att = NULL;
+    if (phase == 2) {
+        longest = longest_row(s);
+        att_floats = attend_floats(s, longest);
+        att = (float *)malloc(sizeof(float) * (size_t)(nthreads * att_floats));
+        if (!att) return -1;
     }
-    const int64_t longest = longest_row(s), att_floats = attend_floats(s, longest);
-    float *att = (float *)malloc(sizeof(float) * (size_t)(nthreads * att_floats));
-    if (!att) return -1;
-    team_barrier_t bar = TEAM_BARRIER_INIT;
+    if (nthreads == 1) {
+        team_t solo = TEAM_SOLO;
+        run_phase(&solo, phase, L, s, x, b, ff, att, longest);
+    } else {
+        team_barrier_t bar = TEAM_BARRIER_INIT;
 #pragma omp parallel num_threads(nthreads)
-    {
-        team_t t = team_join(&bar);
-        attention(&t, L, s, b, att + t.tid * att_floats, longest);
+        {
+            team_t t = team_join(&bar);
+            run_phase(&t, phase, L, s, x, b, ff, att ? att + t.tid * att_floats : NULL,
+                      longest);
+        }
     }
     free(att);
     return 0;

@@ -65,25 +65,28 @@ class CPULinear(nn.Linear):
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
-    def _fp32_chunks(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) bf16 -> (M, N) bf16, built chunk of outputs by chunk, each chunk's
-        weights (C, K) converted to fp32 right before its GEMM writes columns of y."""
+    def _fp32_chunks(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x (M, K) bf16 -> (M, N) bf16 (into `out` when given), built chunk of outputs by
+        chunk, each chunk's weights (C, K) converted to fp32 right before its GEMM writes
+        columns of y."""
         n, k = self.weight.shape
         chunk = max(16, FP32_CHUNK_ELEMENTS // k)
         xf = x.float()  # (M, K)
         y = torch.empty(x.shape[0], n, device=x.device)  # (M, N) fp32
         for n0 in range(0, n, chunk):  # a column slice is a BLAS matrix (row stride N)
             torch.mm(xf, self.weight[n0:n0 + chunk].float().T, out=y[:, n0:n0 + chunk])
-        return y.to(x.dtype)
+        return y.to(x.dtype) if out is None else out.copy_(y)
 
     def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """out <- self(x), the same bits; a one-row x is written in place, without the
-        temporary and the copy (server/native_step.py's phased step). Inference only:
+        """out (M, N) <- self(x) for x (M, K), the same bits, written in place without a
+        temporary and its copy (server/native_step.py's phased step). Inference only:
         `out=` takes no autograd."""
         if self._one_row(x):
             torch.mv(self.weight, x.reshape(-1), out=out.view(-1))
-        else:
-            out.copy_(self(x))
+        elif self.fp32_min_rows is not None and x.shape[0] >= self.fp32_min_rows:
+            self._fp32_chunks(x, out)
+        else:  # what F.linear runs for a 2-D input without a bias
+            torch.mm(x, self.weight.T, out=out)
 
 
 def use_cpu_linears(model: nn.Module, batch_invariant: bool = False) -> int:

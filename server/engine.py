@@ -216,9 +216,10 @@ class LLMEngine:
         native = self.native_step is not None and \
             self.native_step.takes(segments, self.pool.block_size)
         # cascade decode changes a row's bits with its neighbours: not when batch-invariant;
-        # the native step reads each row's blocks through the plain (non-cascade) tables
+        # the native step reads each token's blocks through the plain (non-cascade) tables
         attention = StepAttention(self.pool, segments,
-                                  cascade=not (self.config.batch_invariant or native))
+                                  cascade=not (self.config.batch_invariant or native),
+                                  every_token_a_row=native)
         wanted: list[int] = []  # batch indices whose logits we compute
         rows: list[list[int]] = []
         offset = 0

@@ -12,7 +12,9 @@ attention, and one causal SDPA per prefill chunk. On CPU the decode rows run the
 kernel (quant/native_cpu.c `fanformer_paged_decode`, where it runs: each row reads its own
 blocks in place through its block table, 2-3x the gather below at 16-64 rows,
 docs/ENGINE.md), or cascade decode when rows share a prefix (below); elsewhere one batched
-SDPA for all decode rows over a gather of their blocks.
+SDPA for all decode rows over a gather of their blocks. A step the native decode step runs
+(server/native_step.py) makes every token a row of that kernel, a prefill chunk's too: each
+token reads its sequence's blocks up to its own position, written earlier in the same layer.
 Blocks sit on dim 2 so that one `index_select` of the decode rows' blocks, viewed as
 (n_kv, rows, span, hd) and transposed, is what SDPA takes: one copy of the rows' K/V per
 layer, no second one. (docs/ENGINE.md "The KV cache" measures it against the slot cache it
@@ -135,8 +137,12 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
 class StepAttention:
     """The model's `KVCache` for one step over a flattened (1, N) batch of segments."""
 
-    def __init__(self, pool: KVCachePool, segments: list[Segment], cascade: bool = False):
-        """`cascade`: allow cascade decode (CPU only; it is off for a batch-invariant engine)."""
+    def __init__(self, pool: KVCachePool, segments: list[Segment], cascade: bool = False,
+                 every_token_a_row: bool = False):
+        """`cascade`: allow cascade decode (CPU only; it is off for a batch-invariant engine).
+        `every_token_a_row`: every token of the step, a prefill chunk's too, is a row of the
+        native decode attention over its sequence's blocks up to its own position (the
+        native step's steps: server/native_step.py); the caller checks that it runs here."""
         self.pool = pool
         device = pool.device
         bs = pool.block_size
@@ -145,12 +151,20 @@ class StepAttention:
                 for p in range(s.start, s.start + s.length)]
         self.write_index = to_device(flat, device)  # (N,) block * block_size + offset
         self.positions = to_device(positions, device)[None]  # (1, N): what RoPE reads
+        self.prefix = None  # cascade decode: (row indices, prefix blocks) or None
+        if every_token_a_row:
+            # a chunk's tokens share its table; each reads only its first p + 1 positions
+            tables = [s.blocks[: -(-(s.start + s.length) // bs)] for s in segments]
+            rows = [t for s, t in zip(segments, tables) for _ in range(s.length)]
+            self.native = native_cpu.PagedDecode(rows, [p + 1 for p in positions],
+                                                 pool.num_blocks, bs)
+            self.n_dec, self.chunks = len(positions), []
+            return
         # the leading run of one-token segments is the batched decode group
         n_dec = 0
         while n_dec < len(segments) and segments[n_dec].length == 1:
             n_dec += 1
         self.n_dec = n_dec
-        self.prefix = None  # cascade decode: (row indices, prefix blocks) or None
         self.native = None  # native decode attention over the block tables, or None
         if n_dec:
             dec = segments[:n_dec]

@@ -1,5 +1,6 @@
-"""The native decode step: the blocks of a bf16 model for a step's one-token rows in C
-(quant/native_step.c), instead of ~2,000 aten calls.
+"""The native decode step: the blocks of a bf16 model for a step's rows in C
+(quant/native_step.c), instead of ~2,000 aten calls. A row is a decode token, or one token
+of a prefill chunk: attention takes each token alone, over its sequence up to itself.
 
 A one-row decode step is overhead-bound: its 61 linears are a third (4-bit) to two thirds
 (bf16) of it, the rest is small aten ops, Python and OpenMP wake-ups (docs/ENGINE.md "The
@@ -24,10 +25,13 @@ is computed alone: a row's bits do not depend on the other rows of a step of its
 
 `NativeDecodeStep.build(model, pool)` returns None, with the reason logged once, unless the
 model and its KV cache are bf16 on CPU and the native kernels run here. The engine calls it
-for steps whose every segment is one token (decode, or a one-token prefill chunk), at most
-FUSED_MAX_ROWS or PHASED_MAX_ROWS of them, and above FUSED_SHARED_MAX_ROWS or
-PHASED_SHARED_MAX_ROWS only when no rows share a prefix: such a step keeps cascade decode,
-which reads the shared blocks once for all the rows. The embedding, the final norm and the
+for decode steps of at most FUSED_MAX_ROWS or PHASED_MAX_ROWS rows, for steps carrying
+prefill chunks of at most PHASED_MIXED_MAX_TOKENS tokens (fused up to the fused bound,
+phased above it; past that torch's flash attention over a chunk beats a row at a time:
+docs/ENGINE.md "Prefill in the native step"), and above FUSED_SHARED_MAX_ROWS or
+PHASED_SHARED_MAX_ROWS decode rows only when none share a prefix: such a step keeps cascade
+decode, which reads the shared blocks once for all the rows. A prompt's rows agree with the
+eager model's SDPA to bf16 rounding, not to the bit. The embedding, the final norm and the
 LM head stay in torch.
 """
 
@@ -54,6 +58,12 @@ log = logging.getLogger(__name__)
 # (above that, the eager step with cascade decode is the faster one)
 FUSED_MAX_ROWS, PHASED_MAX_ROWS = 64, 64
 FUSED_SHARED_MAX_ROWS, PHASED_SHARED_MAX_ROWS = 32, 16
+# the most tokens of a step that carries prefill chunks (each token a row, attending over its
+# own sequence up to itself) to run phased; fused ones stop at the fused bound as above
+PHASED_MIXED_MAX_TOKENS = 256
+# from this many rows the phased step's elementwise phases run on every thread (below, on
+# the calling thread: waking the team would cost more than it saves)
+PHASED_TEAM_MIN_ROWS = 128
 # the most rows a step with bf16 linears takes fused (C's bf16 linear), phased above: the
 # kernel is GEMV-shaped, and oneDNN's bf16 GEMM overtakes it from about 16 rows on a CPU
 # with AMX tiles, from about 32 on one without (docs/ENGINE.md "bf16 linears in C")
@@ -115,13 +125,15 @@ class NativeDecodeStep:
                 self.fused_max_rows = self._native_rows()
             except Unsupported as e:
                 self.fused, self.why_phased = False, str(e)
+        # phased: the whole way, or above fused_max_rows when bf16 linears are fused (our
+        # bf16 kernel beats torch's only at a few rows), or for steps carrying prefill above
+        # the fused bound; the descriptors serve both ways
         if self.fused and not self.dense:
             self.max_rows = self.fused_max_rows
             self.shared_max_rows = min(self.max_rows, FUSED_SHARED_MAX_ROWS)
-            return
-        # phased: the whole way, or above fused_max_rows when bf16 linears are fused (our
-        # bf16 kernel beats torch's only at a few rows; the descriptors serve both ways)
-        self.max_rows, self.shared_max_rows = PHASED_MAX_ROWS, PHASED_SHARED_MAX_ROWS
+        else:
+            self.max_rows, self.shared_max_rows = PHASED_MAX_ROWS, PHASED_SHARED_MAX_ROWS
+        self.mixed_max_rows = PHASED_MIXED_MAX_TOKENS
         if not self.fused:
             self._describe(pool, projections=False)
         self.ff = c.d_ff  # the SwiGLU's inner width, CoLA or not
@@ -264,26 +276,29 @@ class NativeDecodeStep:
 
     # ---- per step ----
     def takes(self, segments: list[Segment], block_size: int) -> bool:
-        """Whether a step of these segments runs here: each one token, at most `max_rows` of
-        them, and more than `shared_max_rows` only if no rows share a prefix (the cascade
+        """Whether a step of these segments runs here, each token a row: at most `max_rows`
+        one-token rows (decode), or `mixed_max_rows` tokens when prefill chunks come along;
+        and more than `shared_max_rows` only if no decode rows share a prefix (the cascade
         rule of server/kv_cache.py `shared_prefix`)."""
-        rows = len(segments)
-        if not 0 < rows <= self.max_rows or any(s.length != 1 for s in segments):
+        rows = sum(s.length for s in segments)
+        most = self.max_rows if rows == len(segments) else self.mixed_max_rows
+        if not 0 < rows <= most:
             return False
-        return rows <= self.shared_max_rows or \
-            shared_prefix(segments, block_size, native=True) is None
+        decode = [s for s in segments if s.length == 1]
+        return rows <= self.shared_max_rows or not decode or \
+            shared_prefix(decode, block_size, native=True) is None
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention: StepAttention) -> torch.Tensor:
-        """input_ids (R,) of a step whose R segments are one token each, and that step's
-        `StepAttention` (built without cascade: its `native` holds the rows' checked block
-        tables) -> the final-normed hidden states (R, d), bf16."""
+        """input_ids (R,) of a step's R tokens, and that step's `StepAttention` built with
+        every token a row (its `native` holds the rows' checked block tables and lengths)
+        -> the final-normed hidden states (R, d), bf16."""
         c, paged = self.config, attention.native
         rows = input_ids.shape[0]
         if paged is None or attention.n_dec != rows or attention.chunks or \
-                rows > self.max_rows:
-            raise ValueError(f"NativeDecodeStep: the step must be at most {self.max_rows} "
-                             "one-token rows, with native paged attention planned")
+                rows > max(self.max_rows, self.mixed_max_rows):
+            raise ValueError("NativeDecodeStep: the step's attention must be planned with "
+                             f"every token a row, at most {self.mixed_max_rows} of them")
         x = self.model.embed(input_ids).contiguous()  # (R, d) bf16, updated in place
         positions = attention.positions[0]  # (R,)
         rope = self.model.rope.at(positions[None], torch.bfloat16)  # (1, R, 1, hd/2) each
@@ -326,8 +341,9 @@ class NativeDecodeStep:
                   "attn": heads, "a": d, "n": d, "g": ff, "u": ff, "f": d}
         v = {name: buf[name][: rows * w].view(rows, w) for name, w in widths.items()}
         ptrs = _Rows(*(buf[name].data_ptr() for name in ROWS))
+        threads = torch.get_num_threads()
         args = (ctypes.byref(step), x.data_ptr(), ctypes.byref(ptrs), ff,
-                torch.get_num_threads())
+                threads if rows >= PHASED_TEAM_MIN_ROWS else 1)  # the elementwise phases
         run = self.lib.fanformer_block_phase
         for block, layer in zip(self.model.blocks, self.layers):
             attn, ffn, desc = block.attn, block.ffn, ctypes.byref(layer)
@@ -341,7 +357,7 @@ class NativeDecodeStep:
                 run(FAN_FEATURES, desc, *args)
                 h = v["xf"]
             _into(attn.qkv, h, v["qkv"])
-            if run(ATTENTION, desc, *args):
+            if run(ATTENTION, desc, *args[:-1], threads):
                 return -1
             _into(attn.o, v["attn"], v["a"])
             run(ATTN_RESIDUAL, desc, *args)

@@ -80,13 +80,16 @@ def test_engine_tokens_do_not_change_with_the_gemv_path(tokenizer):
     assert tokens["mv"] == tokens["linear"]
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_forward_into_writes_what_forward_returns(rows):
+@pytest.mark.parametrize("fp32_min_rows", [None, 16])
+@pytest.mark.parametrize("rows", [1, 3, 17, 128])
+def test_forward_into_writes_what_forward_returns(rows, fp32_min_rows):
     """The phased native step (server/native_step.py) writes a projection into its buffer:
-    the same bits as the call, one row (in place through torch.mv) or more."""
+    the same bits as the call, one row (in place through torch.mv), more (torch.mm's out=,
+    or the fp32 chunks where bf16 GEMM is slow)."""
     torch.manual_seed(0)
     layer = nn.Linear(512, 1536, bias=False).to(torch.bfloat16)
     layer.__class__ = CPULinear
+    layer.fp32_min_rows = fp32_min_rows
     x = torch.randn(rows, 512, dtype=torch.bfloat16)
     out = torch.full((rows, 1536), float("nan"), dtype=torch.bfloat16)
     with torch.inference_mode():  # as the engine runs it (mv's out= takes no autograd)

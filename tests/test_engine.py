@@ -163,9 +163,12 @@ def test_logprobs_and_prompt_logprobs_match_a_full_forward(tokenizer, device):
 
 
 @pytest.mark.parametrize("fp32_logits", [True, False])
-def test_bf16_logits_come_from_an_fp32_head_when_asked(tokenizer, fp32_logits):
+def test_bf16_logits_come_from_an_fp32_head_when_asked(tokenizer, fp32_logits, monkeypatch):
     """fp32_logits: the LM head runs in fp32 on the bf16 hidden states (no bf16-rounded
-    logits, so no exact ties); off (the CPU default), the bf16 head's logits are cast."""
+    logits, so no exact ties); off (the CPU default), the bf16 head's logits are cast.
+    The eager model's steps, so that the hidden states are the full forward's bits (the
+    native step's prompt rows agree to bf16 rounding: tests/test_native_step.py)."""
+    monkeypatch.setenv("FANFORMER_NATIVE_STEP", "0")
     model = make_model()
     prompt = PROMPTS[2]
     engine = make_engine(model, tokenizer, dtype="bfloat16", fp32_logits=fp32_logits)

@@ -105,6 +105,35 @@ def test_matches_the_eager_model_to_bf16_rounding(case, phased):
     assert (native == eager).float().mean() > 0.9  # nearly all of them to the bit
 
 
+@pytest.mark.parametrize("phased", [False, True])
+def test_a_step_carrying_prefill_matches_the_eager_model(case, phased):
+    """Two decode rows, a prompt's second chunk and a new prompt in one step, each token a
+    row of the native attention over its own sequence: the eager model's hidden states (its
+    chunks through SDPA) to bf16 rounding, for every token."""
+    model, _, _ = case
+    pool, tables = prefilled(model, PROMPTS)
+    step = NativeDecodeStep.build(model, pool)
+    if phased and not step.fused:
+        pytest.skip("phased already")
+    if phased:
+        step = NativeDecodeStep(model, pool, native_cpu.library(), fused=False)
+    fresh, resumed = [11, 4, 60, 5, 19, 33, 2, 8, 41, 6, 7, 12], PROMPTS[2]
+    segments = [Segment(tables[0], len(PROMPTS[0]), 1), Segment(tables[1], len(PROMPTS[1]), 1),
+                Segment(tables[2], 10, len(resumed) - 10), Segment(list(range(40, 43)), 0, 12)]
+    ids = torch.tensor([PROMPTS[0][-1], PROMPTS[1][-1], *resumed[10:], *fresh])
+    assert step.takes(segments, pool.block_size)
+    with torch.inference_mode():  # the eager step first: both rewrite the same positions
+        attention = StepAttention(pool, segments, cascade=False)
+        eager = model.hidden_states(ids[None], attention.positions, attention)[0].float()
+        native = step(ids, StepAttention(pool, segments, every_token_a_row=True)).float()
+    assert native.shape == eager.shape == (len(ids), model.config.d_model)
+    error = (native - eager).abs().max().item()
+    assert error < 0.05, error
+    # the decode rows read the same kernel either way: nearly all to the bit; the prefill
+    # rows' attention sums in another order than SDPA's, so their last bits differ
+    assert (native[:2] == eager[:2]).float().mean() > 0.9
+
+
 def test_a_row_alone_equals_it_in_a_batch(case):
     model, _, _ = case
     pool, tables = prefilled(model, PROMPTS)
@@ -148,25 +177,37 @@ class _Counted:
         return self.step(input_ids, attention)
 
 
-def _greedy(model, tokenizer, native: bool, prompts=PROMPTS) -> tuple[dict, list[int]]:
-    """Greedy tokens per request, and the row count of every step the native step ran."""
+def _greedy(model, tokenizer, native: bool, prompts=PROMPTS, stagger: bool = False
+            ) -> tuple[dict, list[int]]:
+    """Greedy tokens per request, and the row count of every step the native step ran.
+    `stagger`: one request arrives per step, so its prompt rides along with the others'
+    decode rows."""
     engine = LLMEngine(model, tokenizer, EngineConfig(dtype="bfloat16", max_num_seqs=64))
     assert engine.native_step is not None
     rows: list[int] = []
     engine.native_step = _Counted(engine.native_step, rows) if native else None
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, params)
     out = {f"r{i}": [] for i in range(len(prompts))}
-    while engine.has_unfinished():
+    pending = list(enumerate(prompts))
+    while pending or engine.has_unfinished():
+        for i, p in pending[: 1 if stagger else len(pending)]:
+            engine.add_request(f"r{i}", p, params)
+        pending = pending[1:] if stagger else []
         for o in engine.step():
             out[o.request_id] += o.token_ids
     return out, rows
 
 
-def test_the_engine_decodes_with_it_and_gives_the_eager_tokens(case):
+@pytest.mark.parametrize("stagger", [False, True])
+def test_the_engine_decodes_with_it_and_gives_the_eager_tokens(case, stagger):
+    """Prefill steps and steps mixing prompts with decode rows too run natively."""
     model, tokenizer, _ = case
-    assert _greedy(model, tokenizer, native=True)[0] == _greedy(model, tokenizer, False)[0]
+    native, rows = _greedy(model, tokenizer, True, stagger=stagger)
+    assert native == _greedy(model, tokenizer, False, stagger=stagger)[0]
+    tokens = sum(map(len, PROMPTS))
+    assert rows[0] == (len(PROMPTS[0]) if stagger else tokens)
+    if stagger:  # the second prompt with the first one's decode row
+        assert rows[1] == len(PROMPTS[1]) + 1
 
 
 def _bounds(way: str) -> tuple[int, int]:
@@ -202,7 +243,11 @@ def test_it_is_off_where_it_cannot_run(case, monkeypatch):
         return [Segment(list(range(share)) + [10_000 + i] if share else
                         [10 * i + j for j in range(6)], own * bs, length) for i in range(n)]
     assert step.takes(rows(1), bs) and step.takes(rows(most), bs)
-    assert not step.takes(rows(most + 1), bs) and not step.takes(rows(2, length=2), bs)
+    assert not step.takes(rows(most + 1), bs)
+    # prefill chunks come along up to the mixed bound, counted in tokens
+    assert step.takes(rows(2, length=2), bs) and step.takes(rows(1, length=step.mixed_max_rows), bs)
+    assert not step.takes(rows(1, length=step.mixed_max_rows + 1), bs)
+    assert not step.takes(rows(3, length=step.mixed_max_rows // 2), bs)
     # rows sharing a long prefix: past `shared`, the eager step's cascade decode takes them
     assert step.takes(rows(shared, share=long), bs)
     assert not step.takes(rows(shared + 1, share=long), bs)
