@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import tempfile
-from contextlib import ExitStack
 from pathlib import Path
 
 import side_by_side as sbs
+from alternating import Variant, measure, median_table
 
 VARIANTS = {  # variant -> (environment set for the server on top of one without any
     #              OMP_WAIT_POLICY / GOMP_SPINCOUNT, SINGLE_THREAD_MAX_TOKENS or None)
@@ -61,38 +59,13 @@ def main() -> None:
         p.error(f"--out {own.out} exists; pass another --out")
     checkpoint = sbs.build_checkpoints(sbs.ANCHOR_PRESET, args.cache)[own.variant]
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    points = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for rnd in range(own.rounds):
-            order = own.variants if rnd % 2 == 0 else own.variants[::-1]
-            for variant in order:
-                with ExitStack() as stack:
-                    env, single_thread_max = VARIANTS[variant]
-                    server, = sbs.start_servers(
-                        [(variant, server_argv(checkpoint, single_thread_max))],
-                        args.cache / "logs", stack, env={**base, **env})
-                    for mode in own.modes:
-                        for streams in own.streams:
-                            load = os.getloadavg()[0]
-                            r = sbs.run_load(server.url, streams, sbs.requests_for(streams, args),
-                                             mode, args.max_tokens, args,
-                                             sbs.point_seed(rnd, mode, streams), Path(tmp))
-                            points.append({"round": rnd, "variant": variant, "mode": mode,
-                                           "streams": streams, "loadavg_before": load, **r})
-                            print(f"round {rnd} {variant:16} {mode:7} {streams:3} streams: "
-                                  f"{r['output_tok_s']:7.1f} tok/s (load {load:.2f})",
-                                  flush=True)
+    variants = {name: Variant(server_argv(checkpoint, VARIANTS[name][1]),
+                              {**base, **VARIANTS[name][0]}) for name in own.variants}
+    points = measure(variants, own.rounds, own.modes, own.streams, args)
     if own.out:
         with open(own.out, "x") as f:  # "x": not even a file created during the run
             f.write(json.dumps(points, indent=1))
-    print("\n| mode | streams | " + " | ".join(own.variants) + " |")
-    print("|---|---:|" + "---:|" * len(own.variants))
-    for mode in own.modes:
-        for streams in own.streams:
-            cells = [statistics.median(x["output_tok_s"] for x in points if x["variant"] == v
-                                       and x["mode"] == mode and x["streams"] == streams)
-                     for v in own.variants]
-            print(f"| {mode} | {streams} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+    print("\n" + median_table(points, own.variants))
 
 
 if __name__ == "__main__":

@@ -206,12 +206,14 @@ class Server:
     """One server subprocess: started on a free loopback port, its log in a file, stopped by
     its PID with SIGTERM (then SIGKILL after 60 s)."""
 
-    def __init__(self, name: str, argv: list[str], log: Path, env: dict | None = None):
-        """`env`: the server's whole environment (default: this process's)."""
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict | None = None,
+                 cwd: Path = ROOT):
+        """`env`: the server's whole environment (default: this process's); `cwd`: the
+        source tree `python -m server.cli` imports (default: this checkout)."""
         self.name, self.port, self.log = name, free_port(), log
         self.url = f"http://127.0.0.1:{self.port}"
         with open(log, "w") as f:
-            self.proc = subprocess.Popen([*argv, "--port", str(self.port)], cwd=ROOT,
+            self.proc = subprocess.Popen([*argv, "--port", str(self.port)], cwd=cwd,
                                          stdout=f, stderr=subprocess.STDOUT, env=env)
         self.ps = psutil.Process(self.proc.pid)
 
@@ -244,11 +246,11 @@ class Server:
 
 
 def start_servers(specs: list[tuple[str, list[str]]], logdir: Path,
-                  stack: ExitStack, env: dict | None = None) -> list[Server]:
+                  stack: ExitStack, env: dict | None = None, cwd: Path = ROOT) -> list[Server]:
     servers = []
     for name, argv in specs:
         server = Server(name, argv, logdir / f"{name.replace(' ', '_')}-{time.time_ns()}.log",
-                        env)
+                        env, cwd)
         stack.callback(server.stop)
         servers.append(server)
     for server in servers:

@@ -213,6 +213,20 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*lead, self.out_features)  # (..., N)
 
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out (M, N) bf16 <- self(x) for x (M, K) bf16, the same bits: the native kernel
+        writes into `out` where the forward would run it (server/native_step.py's phased
+        step, without a temporary and its copy); anything else runs the forward. Inference
+        only."""
+        rows = x.shape[0]
+        if x.device.type == "cpu" and self.bias is None and x.dtype == torch.bfloat16 and \
+                out.dtype == torch.bfloat16 and self.kernel_name(rows) == "weight-only":
+            kernel = self._kernel("weight-only")
+            if isinstance(kernel, native_cpu.NativeKernel):
+                kernel(self._prepare_input(x).to(torch.bfloat16).contiguous(), out=out)
+                return
+        out.copy_(self(x))
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 

@@ -254,10 +254,11 @@ def activation_group(k: int) -> int | None:
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minus_zs: torch.Tensor,
-           n: int, group_size: int, bits: int = 4, lib: ctypes.CDLL | None = None
-           ) -> torch.Tensor:
-    """x (M, K) fp32 or bf16, contiguous -> (M, n) in x's dtype, on torch's thread count;
-    on `lib` (a `load(isa)` build) or this machine's `library()`."""
+           n: int, group_size: int, bits: int = 4, lib: ctypes.CDLL | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) fp32 or bf16, contiguous -> (M, n) in x's dtype (written into `out` when
+    given: contiguous, that shape and dtype), on torch's thread count; on `lib` (a
+    `load(isa)` build) or this machine's `library()`."""
     m, k = x.shape
     inputs = packed.shape[1] * (8 if bits == 4 else 4)
     # raw pointers: a wrong tensor would be read out of bounds, so check what is cheap
@@ -265,7 +266,11 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minus_zs:
             or not x.is_contiguous() or k != inputs:
         raise ValueError(f"native_cpu.linear: x must be a contiguous CPU bf16/fp32 (M, "
                          f"{inputs}) tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if out is not None and (out.shape != (m, n) or out.dtype != x.dtype or
+                            out.device.type != "cpu" or not out.is_contiguous()):
+        raise ValueError(f"native_cpu.linear: out must be a contiguous CPU {x.dtype} "
+                         f"{(m, n)} tensor, got {out.dtype} {tuple(out.shape)}")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return y  # no rows: nothing to call (the C side would allocate 0 bytes)
     small = k * n * bits <= 8 * SINGLE_THREAD_MAX_BYTES and m * k * n <= SINGLE_THREAD_MAX_WORK
@@ -312,11 +317,11 @@ class NativeKernel:
         self.n, self.group_size, self.perm, self.bits = codes.shape[1], group_size, perm, bits
         self.packed, self.scale, self.minus_zs = pack(codes, zeros, scales, group_size, bits)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.perm is not None:
             x = x[:, self.perm]
         return linear(x.contiguous(), self.packed, self.scale, self.minus_zs, self.n,
-                      self.group_size, self.bits)
+                      self.group_size, self.bits, out=out)
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, min_p_floor: torch.Tensor,

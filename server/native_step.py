@@ -27,8 +27,9 @@ is computed alone: a row's bits do not depend on the other rows of a step of its
 model and its KV cache are bf16 on CPU and the native kernels run here. The engine calls it
 for decode steps of at most FUSED_MAX_ROWS or PHASED_MAX_ROWS rows, for steps carrying
 prefill chunks of at most PHASED_MIXED_MAX_TOKENS tokens (fused up to the fused bound,
-phased above it; past that torch's flash attention over a chunk beats a row at a time:
-docs/ENGINE.md "Prefill in the native step"), and above FUSED_SHARED_MAX_ROWS or
+phased above it) whose rows are short (PREFILL_MAX_MEAN_KEYS: past that torch's flash
+attention over a chunk beats a row at a time: docs/ENGINE.md "Prefill in the native
+step"), and above FUSED_SHARED_MAX_ROWS or
 PHASED_SHARED_MAX_ROWS decode rows only when none share a prefix: such a step keeps cascade
 decode, which reads the shared blocks once for all the rows. A prompt's rows agree with the
 eager model's SDPA to bf16 rounding, not to the bit. The embedding, the final norm and the
@@ -59,8 +60,13 @@ log = logging.getLogger(__name__)
 FUSED_MAX_ROWS, PHASED_MAX_ROWS = 64, 64
 FUSED_SHARED_MAX_ROWS, PHASED_SHARED_MAX_ROWS = 32, 16
 # the most tokens of a step that carries prefill chunks (each token a row, attending over its
-# own sequence up to itself) to run phased; fused ones stop at the fused bound as above
-PHASED_MIXED_MAX_TOKENS = 256
+# own sequence up to itself) to run phased; fused ones stop at the fused bound as above. And
+# the most positions a chunk's token may attend to on average: the C file's attention takes
+# one row at a time, torch's flash attention a block of a chunk's rows at once; that wins
+# once the rows are long, against the ~0.2 ms a token the native step saves elsewhere
+# (docs/ENGINE.md "Prefill in the native step")
+PHASED_MIXED_MAX_TOKENS = 512
+PREFILL_MAX_MEAN_KEYS = 192
 # from this many rows the phased step's elementwise phases run on every thread (below, on
 # the calling thread: waking the team would cost more than it saves)
 PHASED_TEAM_MIN_ROWS = 128
@@ -277,13 +283,18 @@ class NativeDecodeStep:
     # ---- per step ----
     def takes(self, segments: list[Segment], block_size: int) -> bool:
         """Whether a step of these segments runs here, each token a row: at most `max_rows`
-        one-token rows (decode), or `mixed_max_rows` tokens when prefill chunks come along;
+        one-token rows (decode), or `mixed_max_rows` tokens when prefill chunks come along
+        whose tokens attend to PREFILL_MAX_MEAN_KEYS positions or fewer on average;
         and more than `shared_max_rows` only if no decode rows share a prefix (the cascade
         rule of server/kv_cache.py `shared_prefix`)."""
         rows = sum(s.length for s in segments)
         most = self.max_rows if rows == len(segments) else self.mixed_max_rows
         if not 0 < rows <= most:
             return False
+        chunks = [s for s in segments if s.length > 1]
+        keys = sum(s.length * s.start + s.length * (s.length + 1) // 2 for s in chunks)
+        if keys > PREFILL_MAX_MEAN_KEYS * sum(s.length for s in chunks):
+            return False  # long rows: the eager step's flash attention over each chunk
         decode = [s for s in segments if s.length == 1]
         return rows <= self.shared_max_rows or not decode or \
             shared_prefix(decode, block_size, native=True) is None
@@ -370,8 +381,8 @@ class NativeDecodeStep:
 
 
 def _into(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
-    """out <- module(x) with the module's own bits (in place for a one-row GEMV)."""
-    if isinstance(module, CPULinear):
+    """out <- module(x) with the module's own bits (written in place where it can be)."""
+    if isinstance(module, (CPULinear, QuantLinear)):
         module.forward_into(x, out)
     else:
         out.copy_(module(x))

@@ -144,6 +144,19 @@ def test_kernels_match_reference(rows, kernel, device):
         assert y.dtype == x.dtype and y.shape == (rows, layer.out_features)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_forward_into_writes_what_forward_returns(rows, kernel):
+    """The phased native step writes each projection into its buffer
+    (`QuantLinear.forward_into`): the forward's bits, through the native kernel's `out=`
+    where the forward runs it, else a copy (every kernel family, with and without a bias)."""
+    for name, layer in _layers():
+        x = torch.randn(rows, layer.in_features).to(torch.bfloat16)
+        out = torch.full((rows, layer.out_features), float("nan"), dtype=torch.bfloat16)
+        with torch.inference_mode():
+            layer.forward_into(x, out)
+            assert torch.equal(out, layer(x)), f"{name}, {kernel}, {rows} rows"
+
+
 @pytest.mark.parametrize("onednn_fast", [True, False])
 def test_kernel_follows_the_work_of_the_call_unless_batch_invariant(monkeypatch, onednn_fast):
     """By default a layer runs its weight-only kernel while rows x weights is at most
