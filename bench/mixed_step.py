@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True, help="a plain or quantized checkpoint")
     p.add_argument("--rows", type=int, nargs="+", default=[16, 64])
     p.add_argument("--prompt_len", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=1,
+                   help="prompts arriving together (8 x 64 tokens: the default step budget)")
     p.add_argument("--steps", type=int, default=12, help="mixed steps per row count")
     p.add_argument("--profile", action="store_true", help="torch profile of mixed steps")
     args = p.parse_args()
@@ -40,15 +42,18 @@ def main() -> None:
     one_token = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)
 
     def add_prompt(engine: LLMEngine, name: str) -> None:
-        engine.add_request(name, [rng.randrange(300, 30000) for _ in range(args.prompt_len)],
-                           one_token)
+        for i in range(args.prompts):
+            engine.add_request(f"{name}-{i}",
+                               [rng.randrange(300, 30000) for _ in range(args.prompt_len)],
+                               one_token)
 
     print(f"# {args.checkpoint}, {torch.get_num_threads()} threads, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"| decode rows | decode step ms | step with a {args.prompt_len}-token prefill ms |")
+    print(f"| decode rows | decode step ms | step with {args.prompts} x {args.prompt_len}-token "
+          "prefill ms |")
     print("|---:|---:|---:|")
     for rows in args.rows:
-        engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=rows + 8,
+        engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=rows + args.prompts + 8,
                                                           dtype="bfloat16"))
         start_decoding(engine, rows, SamplingParams(max_tokens=8 * args.steps + 64,
                                                     ignore_eos=True, temperature=0), warmup=4)
